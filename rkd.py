@@ -58,7 +58,8 @@ class Config:
     nms_threshold: float = 0.01     # minimum heatmap value of a keypoint at test time
     border: int = 4                 # keypoints this close to the image edge are dropped
     max_keypoints: int = 2048       # strongest keypoints kept per image
-    ratio: float = 0.9              # Lowe ratio for kNN matching
+    ratio: float = 0.9              # Lowe ratio for kNN matching of learned descriptors
+    sift_ratio: float = 0.8         # ... and of SIFT's, Lowe's own value (tuned on FIRE-dev only)
     method: str = "lmeds"           # cv2.findHomography robust estimator: lmeds | ransac
     ransac_px: float = 5.0          # RANSAC reprojection threshold, in model pixels
     trick: bool = True              # SuperRetina's two-stage "matching trick"
@@ -102,7 +103,8 @@ class UserError(Exception):
 
 
 def progress(iterable, desc, quiet=False, **kw):
-    return tqdm(iterable, desc=desc, disable=quiet, leave=False, dynamic_ncols=True, **kw)
+    # disable=None: no bars when stderr is not a terminal (logs, pipes, CI)
+    return tqdm(iterable, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True, **kw)
 
 
 def write_atomic(path, data: bytes):
@@ -111,10 +113,14 @@ def write_atomic(path, data: bytes):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
@@ -510,14 +516,15 @@ def register(model, query, refer, cfg) -> Registration:
     to_q, to_r = model_to_original(query.shape, S), model_to_original(refer.shape, S)
     scale = refer.shape[1] / S
     kr_orig = apply_homography(to_r, kr)
-    m = match_descriptors(dq, dr, cfg.ratio)
+    ratio = cfg.sift_ratio if isinstance(model, Sift) else cfg.ratio
+    m = match_descriptors(dq, dr, ratio)
     pq, pr = apply_homography(to_q, kq[m[:, 0]]), kr_orig[m[:, 1]]
     H, inliers = estimate_homography(pq, pr, cfg, scale)
     if cfg.trick and H is not None:
         H_model = np.linalg.inv(to_r) @ H @ to_q                  # model px -> model px
         warped = cv2.warpPerspective(q, H_model, (S, S), flags=cv2.INTER_LINEAR)
         (kw, dw), = extract_features(model, [warped], cfg)
-        m2 = match_descriptors(dw, dr, cfg.ratio)
+        m2 = match_descriptors(dw, dr, ratio)
         pw = apply_homography(to_r, kw[m2[:, 0]])                 # warped query, in refer's frame
         H2, inliers2 = estimate_homography(pw, kr_orig[m2[:, 1]], cfg, scale)
         if H2 is not None:   # second-stage matches, drawn at their places in the query
@@ -769,8 +776,8 @@ def synthetic_pair(seed, category):
     world = synthetic_retina(seed)
     radius = SYNTH_FRAME * 0.47
     Hr = view_homography(rng.normal(0, 0.1, 2), radius, SYNTH_FRAME)
-    if category == "P":      # small overlap: the camera moves by most of a field radius
-        shift = rng.uniform(0.6, 0.8) * np.array([np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a)])
+    if category == "P":      # small overlap: the camera moves by about half a field radius
+        shift = rng.uniform(0.35, 0.5) * np.array([np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a)])
     else:
         shift = rng.normal(0, 0.06, 2)
     centre = np.linalg.solve(Hr, [SYNTH_FRAME / 2, SYNTH_FRAME / 2, 1])
@@ -780,14 +787,16 @@ def synthetic_pair(seed, category):
     refer = render_view(world, Hr, SYNTH_FRAME, rng, radius)
     query = render_view(world, Hq, SYNTH_FRAME, rng, radius, photometric, anatomy)
     H = Hr @ np.linalg.inv(Hq)
-    # control points: keypoints seen by both cameras, well inside both fields of view
-    pr, pq = apply_homography(Hr, world["keypoints"]), apply_homography(Hq, world["keypoints"])
+    # control points: keypoints seen by both cameras, well inside both fields of view, topped up
+    # with points on vessels where the overlap is small (category P)
     c = (SYNTH_FRAME - 1) / 2
-    inside = (np.hypot(*(pr - c).T) < 0.9 * radius) & (np.hypot(*(pq - c).T) < 0.9 * radius)
-    pick = rng.permutation(np.flatnonzero(inside))[:10]
-    if len(pick) < 10:
-        raise RuntimeError(f"synthetic pair {seed}: only {len(pick)} shared keypoints")
-    return refer, query, np.c_[pr[pick], pq[pick]], H / H[2, 2]
+    on_vessels = np.array([a for a, _, _ in world["trees"]["vein"][0]])
+    chosen = []
+    for candidates in (world["keypoints"], on_vessels):
+        pr, pq = apply_homography(Hr, candidates), apply_homography(Hq, candidates)
+        shared = (np.hypot(*(pr - c).T) < 0.9 * radius) & (np.hypot(*(pq - c).T) < 0.9 * radius)
+        chosen += [np.r_[pr[i], pq[i]] for i in rng.permutation(np.flatnonzero(shared))[:10 - len(chosen)]]
+    return refer, query, np.array(chosen), H / H[2, 2]
 
 
 def write_synthetic_fire(root, quiet=False, counts=None):
@@ -864,19 +873,24 @@ def merge_close_points(points, radius) -> np.ndarray:
     return np.array(merged).reshape(-1, 2)
 
 
-def vessel_junctions(vessels, fov=None, merge_radius=10.0, fov_margin=10) -> np.ndarray:
+def vessel_junctions(vessels, fov=None, merge_radius=10.0, fov_margin=10, ring_radius=6) -> np.ndarray:
     """Bifurcations and crossings of a binary vessel map -> K x 2 (x, y) pixel positions.
 
-    Thin the map to a one-pixel skeleton (OpenCV's Zhang-Suen), then keep skeleton pixels
-    whose 8-neighbour ring changes from background to vessel three or more times: a branching
-    point. Points within `merge_radius` are merged, and points near the FOV edge dropped."""
+    Thin the map to a one-pixel skeleton (OpenCV's Zhang-Suen). Skeleton pixels with three or
+    more skeleton neighbours are candidates; a candidate is a branching point when a circle of
+    `ring_radius` px around it crosses the skeleton three or more times (a straight vessel
+    crosses it twice, a Y three times, an X four). Points within `merge_radius` are merged
+    (an X thins into two nearby junctions), and points near the FOV edge dropped."""
     binary = (vessels > 127).astype(np.uint8) * 255
     skeleton = cv2.ximgproc.thinning(binary, thinningType=cv2.ximgproc.THINNING_ZHANGSUEN) > 0
-    s = np.pad(skeleton, 1).astype(np.int8)
-    ring = [s[:-2, 1:-1], s[:-2, 2:], s[1:-1, 2:], s[2:, 2:], s[2:, 1:-1], s[2:, :-2], s[1:-1, :-2], s[:-2, :-2]]
-    transitions = sum((ring[i] == 0) & (ring[(i + 1) % 8] == 1) for i in range(8))
-    ys, xs = np.nonzero(skeleton & (transitions >= 3))
-    points = merge_close_points(np.c_[xs, ys], merge_radius)
+    neighbours = cv2.filter2D(skeleton.astype(np.float32), -1, np.ones((3, 3), np.float32), borderType=cv2.BORDER_CONSTANT) - 1
+    ys, xs = np.nonzero(skeleton & (neighbours >= 3))
+    thick = np.pad(cv2.dilate(skeleton.astype(np.uint8), np.ones((3, 3), np.uint8)), ring_radius)
+    angles = np.linspace(0, 2 * np.pi, 16 * ring_radius, endpoint=False)
+    dx, dy = np.round(ring_radius * np.cos(angles)).astype(int), np.round(ring_radius * np.sin(angles)).astype(int)
+    ring = thick[ys[:, None] + ring_radius + dy, xs[:, None] + ring_radius + dx]      # candidates x samples
+    branches = ((ring == 1) & (np.roll(ring, 1, axis=1) == 0)).sum(1)               # runs of vessel on the ring
+    points = merge_close_points(np.c_[xs, ys][branches >= 3], merge_radius)
     if fov is not None and len(points):
         inner = cv2.erode(fov.astype(np.uint8), np.ones((2 * fov_margin + 1,) * 2, np.uint8)) > 0
         points = points[inner[points[:, 1].astype(int), points[:, 0].astype(int)]]
@@ -1431,8 +1445,13 @@ def plot_success_curves(runs, path, category=None):
     write_png(path, img)
 
 
+def matching_config(args):
+    cfg = dataclasses.replace(CFG, size=args.size, trick=not args.no_trick, method=args.method)
+    return dataclasses.replace(cfg, ratio=args.ratio, sift_ratio=args.ratio) if args.ratio else cfg
+
+
 def cmd_eval(args):
-    cfg = dataclasses.replace(CFG, size=args.size, trick=not args.no_trick, method=args.method, ratio=args.ratio)
+    cfg = matching_config(args)
     device = pick_device(args.device)
     fire = Path(args.fire) if args.fire else default_benchmark(args.quiet)
     pairs, note = read_fire(fire)
@@ -1481,7 +1500,7 @@ def cmd_eval(args):
 
 
 def cmd_match(args):
-    cfg = dataclasses.replace(CFG, size=args.size, trick=not args.no_trick, method=args.method, ratio=args.ratio)
+    cfg = matching_config(args)
     out = Path(args.out)
     check_writable(out / "homography.json")
     model = load_model(args.weights or default_model_name(), pick_device(args.device))
@@ -1565,7 +1584,7 @@ def build_parser():
     matching.add_argument("--size", type=int, default=CFG.size, help="network input side in px, a multiple of 8 (default: %(default)s)")
     matching.add_argument("--no-trick", action="store_true", help="skip the second matching stage")
     matching.add_argument("--method", default=CFG.method, choices=["lmeds", "ransac"], help="homography estimator (default: %(default)s)")
-    matching.add_argument("--ratio", type=float, default=CFG.ratio, help="kNN ratio test (default: %(default)s)")
+    matching.add_argument("--ratio", type=float, help=f"kNN ratio test (default: {CFG.ratio} for networks, {CFG.sift_ratio} for SIFT)")
 
     p = argparse.ArgumentParser(prog="rkd.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
