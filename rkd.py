@@ -134,7 +134,7 @@ def check_writable(path):
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+    if not probe.is_dir() or not os.access(probe, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
         raise UserError(f"cannot write {path}: permission denied")
 
 
@@ -322,7 +322,7 @@ class TransformerStudent(nn.Module):
         x1 = self.stages[0](x)                                   # B x c1 x H x W
         x2 = self.stages[1](F.max_pool2d(x1, 2))                 # B x c2 x H/2 x W/2
         x3 = self.stages[2](F.max_pool2d(x2, 2))                 # B x c3 x H/4 x W/4
-        tokens = self.vit.forward_intermediates(x3, indices=1, intermediates_only=True)[0]  # B x E x H/16 x W/16
+        tokens = self.vit.forward_intermediates(x3, indices=1, norm=True, intermediates_only=True)[0]  # B x E x H/16 x W/16
         t8 = F.interpolate(tokens, scale_factor=2, mode="bilinear", align_corners=False)[..., :h8, :w8]
         heat = self.detector(x1, x2, x3, self.neck(t8))
         desc = F.normalize(self.descriptor(t8), dim=1)           # B x 256 x H/8 x W/8
@@ -546,9 +546,16 @@ class FirePair:
     points: np.ndarray             # 10 x 4: x_ref y_ref x_query y_query, original pixels
 
 
+def read_text(path) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def read_control_points(path) -> np.ndarray:
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split()
@@ -913,14 +920,14 @@ def lab_samples(root, split="train"):
     if not listing.exists():
         raise UserError(f"{root}: not in the Lab layout (missing ImageSets/{split}.txt)")
     samples = []
-    for line in listing.read_text().splitlines():
+    for line in read_text(listing).splitlines():
         if not line.strip():
             continue
         parts = [p.strip() for p in line.split(",")]
         image = root / "ImageData" / parts[0]
         points = None
         if len(parts) > 1 and parts[1]:
-            rows = [r.split() for r in (root / "Annotations" / parts[1]).read_text().splitlines() if r.strip()]
+            rows = [r.split() for r in read_text(root / "Annotations" / parts[1]).splitlines() if r.strip()]
             try:
                 points = np.array(rows, np.float64).reshape(-1, 2)
             except ValueError:
@@ -943,9 +950,12 @@ def vessel_map_samples(root, merge_radius_model_px=CFG.nms_radius, size=CFG.size
         bgr = read_image(image)
         fov_path = next(iter((root / "fov").glob(image.stem + ".*")), None) if (root / "fov").is_dir() else None
         vessels = cv2.cvtColor(read_image(vessel_maps[image.stem]), cv2.COLOR_BGR2GRAY)
+        fov = field_of_view(bgr, fov_path)
+        if vessels.shape != bgr.shape[:2] or fov.shape != bgr.shape[:2]:
+            raise UserError(f"{vessel_maps[image.stem]}: vessel map or FOV mask is not the size of {image.name}")
         radius = merge_radius_model_px * max(bgr.shape[:2]) / size
-        points = vessel_junctions(vessels, field_of_view(bgr, fov_path), radius, fov_margin=int(radius))
-        samples.append(Sample("vessels", image, points / [bgr.shape[1], bgr.shape[0]]))
+        points = vessel_junctions(vessels, fov, radius, fov_margin=int(radius))
+        samples.append(Sample("vessels", image, (points + 0.5) / [bgr.shape[1], bgr.shape[0]]))
     if not samples:
         raise UserError(f"{root}: no image in images/ has a vessel map of the same name in vessels/")
     return samples
@@ -974,11 +984,11 @@ class TrainingSet:
         for s in progress(samples, "loading training images", quiet):
             if s.synthetic_seed is not None:
                 bgr, pts = synthetic_training_image(s.synthetic_seed, size)
-                pts = pts / size
+                pts = (pts + 0.5) / size          # normalised like the Lab layout: pixel centre + 0.5
             else:
                 bgr, pts = read_image(s.path), s.points
             self.images.append((preprocess(bgr, size) * 255).astype(np.uint8))
-            self.labels.append(None if pts is None else torch.tensor(pts * size - 0.5, dtype=torch.float32))
+            self.labels.append(None if pts is None else torch.tensor(pts * size - 0.5, dtype=torch.float32))  # -> pixel indices
 
     def __len__(self):
         return len(self.images)
@@ -1079,10 +1089,13 @@ def triplet_loss(anchor, positive, positions, cfg, gen):
     d_pos = dist.diagonal()
     near = torch.cdist(positions, positions) < cfg.negative_px        # includes the diagonal
     d_hard = dist.masked_fill(near, float("inf")).min(1).values
-    rand = (torch.arange(n) + torch.randint(1, n, (n,), generator=gen)) % n
-    rand = torch.where(near[torch.arange(n), rand], dist.masked_fill(near, float("inf")).argmin(1).cpu(), rand)
-    d_rand = dist[torch.arange(n), rand]
+    rows = torch.arange(n, device=anchor.device)
+    rand = (rows + torch.randint(1, n, (n,), generator=gen).to(anchor.device)) % n
+    rand = torch.where(near[rows, rand], dist.masked_fill(near, float("inf")).argmin(1), rand)
+    d_rand = dist[rows, rand]
     valid = torch.isfinite(d_hard)
+    if not valid.any():                                               # all points crowded together
+        return anchor.sum() * 0
     loss = (F.relu(cfg.margin + d_pos - d_hard)[valid].mean() + F.relu(cfg.margin + d_pos - d_rand)[valid].mean())
     sim = 1 - d_rand[valid]
     gor = sim.mean() ** 2 + F.relu((sim ** 2).mean() - 1.0 / dim)
@@ -1115,7 +1128,7 @@ def progressive_keypoint_expansion(heat, heat_w, desc, desc_w, A, cfg):
     dist = torch.cdist(d, dw)
     two = dist.topk(min(2, len(peaks)), largest=False)
     nearest = two.indices[:, 0]
-    ratio_ok = two.values[:, 0] < cfg.pke_ratio * two.values[:, 1] if len(peaks) > 1 else torch.ones(len(cand), dtype=torch.bool)
+    ratio_ok = two.values[:, 0] < cfg.pke_ratio * two.values[:, 1] if len(peaks) > 1 else torch.ones(len(cand), dtype=torch.bool, device=cand.device)
     placed = (peaks[nearest] - moved).norm(dim=1) <= cfg.pke_match_px
     return cand[ratio_ok & placed]
 
@@ -1283,7 +1296,7 @@ def dense_value_maps(saved, size):
 
 def share_value_maps(maps, touched, world):
     """Each image belongs to one rank per epoch; afterwards every rank gets every update."""
-    if world == 1:
+    if world == 1 or not maps:
         return
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, sparse_value_maps({i: maps[i] for i in touched}))
@@ -1311,8 +1324,9 @@ def train(args, distill=False):
     rank, world = init_distributed(device)
     main_rank, quiet = rank == 0, args.quiet or rank != 0
     out = Path(args.out)
-    if main_rank:
-        check_writable(out / "last.pt")
+    check_writable(out / "last.pt")           # on every rank, so that none waits for a failed one
+    if args.val:
+        read_fire(args.val)
     torch.manual_seed(cfg.seed)
     arch = args.student if distill else args.arch
     model = build_model(arch).to(device)
@@ -1329,18 +1343,23 @@ def train(args, distill=False):
         ckpt = load_checkpoint(args.resume)
         if ckpt["arch"] != arch or "optimizer" not in ckpt:
             raise UserError(f"{args.resume}: holds {ckpt['arch']!r} weights-only or of another arch, cannot resume {arch!r}")
+        if ckpt["config"]["size"] != cfg.size:
+            raise UserError(f"{args.resume}: trained at --size {ckpt['config']['size']}, not {cfg.size}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         value_maps.update(dense_value_maps(ckpt["value_maps"], cfg.size))
         start, best = ckpt["epoch"], ckpt["best"]
     frozen = model
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # a student trained on one KD term alone leaves the other head out of the loss
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=distill and args.self_loss == "off" and args.kd in ("output", "representation"))
     sampler = torch.utils.data.DistributedSampler(range(len(data)), world, rank, shuffle=True, seed=cfg.seed, drop_last=world > 1)
     log = f"{'distill ' + args.kd if distill else 'train-cnn'} {arch}: {len(data)} images " \
           f"({len(value_maps)} labelled), {world} process(es) on {device}"
     if main_rank:
         print(log, file=sys.stderr)
+    started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * world + rank)   # resumable randomness
@@ -1382,7 +1401,8 @@ def train(args, distill=False):
                 save_checkpoint(out / "best.pt", frozen, **state)
             means = " ".join(f"{k} {v / max(steps, 1):.4f}" for k, v in sums.items())
             print(f"epoch {epoch + 1}/{cfg.epochs}  {means}  pke_found {found}  pke_learned {learned}"
-                  + (f"  val_mAUC {val:.4f}" if val is not None else ""), flush=True)
+                  + (f"  val_mAUC {val:.4f}" if val is not None else "")
+                  + f"  {(time.perf_counter() - started) / 60:.1f} min", flush=True)
         if world > 1:
             torch.distributed.barrier()
     digest = check_ranks_agree(frozen, world)
@@ -1663,14 +1683,25 @@ def build_parser():
     return p
 
 
+def check_arguments(args):
+    size, crop = getattr(args, "size", 8), getattr(args, "crop", 0)
+    if size <= 0 or size % 8 or crop < 0 or crop % 8 or crop > size:
+        raise UserError("--size must be a positive multiple of 8, and --crop a multiple of 8 no larger than --size")
+    if getattr(args, "val_size", 0) < 0 or getattr(args, "val_size", 0) % 8:
+        raise UserError("--val-size must be a multiple of 8")
+    for flag in ("batch", "repeat", "epochs", "pairs"):
+        if getattr(args, flag, 1) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if args.threads < 0:
+        raise UserError("--threads must be 0 (torch's choice) or more")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = getattr(args, "size", 8)
     try:
-        if size <= 0 or size % 8 or getattr(args, "crop", 0) % 8:
-            raise UserError("--size and --crop must be positive multiples of 8")
+        check_arguments(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         result = args.func(args)
         return result if isinstance(result, int) else 0
     except UserError as e:

@@ -463,17 +463,33 @@ def test_distill_cli_modes(tmp_path, tiny_checkpoint, synthetic_fire, student, k
 
 # ---------------------------------------------------------------- DDP -----------------------
 
+def torchrun(*args, port):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           str(HERE / "rkd.py"), *map(str, args), "--quiet", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
 def test_two_process_gloo_training(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                        str(HERE / "rkd.py"), "train-cnn", "--synthetic", "4", "--size", "64", "--epochs", "1",
-                        "--batch", "1", "--out", str(out), "--quiet", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = torchrun("train-cnn", "--synthetic", 4, "--size", 64, "--epochs", 1, "--batch", 1, "--out", out, port=29533)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in r.stdout
     assert "2 process(es)" in r.stderr
     assert rkd.load_model(str(out / "last.pt")).arch == "lk"
+
+
+def test_two_process_distillation_of_the_transformer_on_unlabelled_images(tmp_path, tiny_checkpoint):
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(images / f"{i}.png"), rkd.synthetic_training_image(100 + i, 96)[0])
+    out = tmp_path / "student"
+    r = torchrun("distill", "--teacher", tiny_checkpoint, "--unlabelled", images, "--size", 64, "--epochs", 2,
+                 "--batch", 1, "--out", out, port=29534)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in r.stdout and "epoch 2/2" in r.stdout
+    assert rkd.load_checkpoint(out / "last.pt")["arch"] == "vit_student"
 
 
 # ---------------------------------------------------------------- a newcomer's experience ---
@@ -523,7 +539,8 @@ def test_bad_inputs_end_in_one_clear_line(tmp_path, synthetic_fire):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--model", "sift", "--json", blocker / "r.json"), "cannot write")
-    assert not out.exists()
+    assert_clean_failure(run_cli("train-cnn", "--synthetic", 1, "--size", 64, "--crop", 128, "--out", tmp_path / "r"), "--crop")
+    assert not out.exists() and not (tmp_path / "r").exists()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir() if p.is_file())
 
 
@@ -542,3 +559,29 @@ def test_write_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(rkd.UserError, match="cannot write"):
         rkd.write_atomic(target, b"new")
     assert target.read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------- shipped weights -----------
+
+SHIPPED_FILES = sorted((HERE / "weights").glob("*.pt"))
+SHIPPED_FLOOR = 0.3          # mAUC on the 3-pair synthetic fixture at 384 px; an untrained net scores ~0
+
+
+@pytest.mark.skipif(not SHIPPED_FILES, reason="no weights shipped in weights/")
+@pytest.mark.parametrize("path", SHIPPED_FILES, ids=lambda p: p.name)
+def test_shipped_weights_load_and_match_their_sha256(path):
+    import hashlib
+    readme = (HERE / "weights" / "README.md").read_text()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest in readme, f"{path.name}: sha256 {digest} is not the one weights/README.md states"
+    assert path.stat().st_size <= 50e6
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["arch"] in rkd.ARCHS and rkd.load_model(str(path)).arch == ckpt["arch"]
+
+
+@pytest.mark.skipif(not (HERE / "weights" / rkd.SHIPPED["lk"]).exists(), reason="no LK teacher shipped")
+def test_shipped_teacher_matches_synthetic_pairs(synthetic_fire):
+    pairs, _ = rkd.read_fire(synthetic_fire)
+    model = rkd.load_model("lk")
+    summary = rkd.summarise(rkd.evaluate(model, pairs, rkd.dataclasses.replace(CFG, size=384), quiet=True))
+    assert summary["mAUC"] > SHIPPED_FLOOR, summary
