@@ -5,15 +5,21 @@ Two fundus photographs of the same eye are registered by detecting keypoints (ve
 bifurcations and crossings), describing them, matching the descriptors and fitting a
 homography. The file reads top to bottom in the order the data flows:
 
-  1. Configuration .............. every constant named once
-  2. Image input and preprocessing   SuperRetina, Sec. 4 "Implementation details"
-  3. Networks ................... SuperRetina Sec. 3.1; RKD Sec. 3.1 (LK teacher), Sec. 3.2 (student)
-  4. Inference pipeline ......... SuperRetina Sec. 3.4: NMS, descriptors, matching, homography, trick
-  5. FIRE evaluation ............ Hernandez-Matas et al. 2017, protocol as in SuperRetina Sec. 4.2
-  6. Synthetic fundus generator . ours: the embedded benchmark and exact keypoint labels
-  7. Training data .............. Lab layout, vessel-map junctions, unlabelled folders, synthetic
-  8. Losses and PKE ............. SuperRetina Sec. 3.2-3.3 (Dice, PKE, triplet + GOR)
-  9. Training loops ............. train-cnn (SuperRetina Sec. 3), distill (RKD Sec. 3.3), DDP
+  1. Configuration ............... every constant named once
+  2. Preprocessing ............... SuperRetina, implementation details (green, CLAHE, gamma)
+  3. Networks .................... SuperRetina, network architecture; RKD, the LK teacher and
+                                   the transformer student
+  4. Inference pipeline .......... SuperRetina, keypoint detection / description at test time
+                                   and its two-stage "matching trick"
+  5. FIRE evaluation ............. FIRE (Hernandez-Matas et al. 2017), protocol as SuperRetina
+                                   and RKD report it (AUC over 1..25 px per category, mAUC)
+  6. Synthetic fundus generator .. ours: the embedded benchmark and exact keypoint labels
+  7. Training data ............... SuperRetina's labelled ("Lab") layout, vessel-map junctions,
+                                   unlabelled folders, synthetic images
+  8. Losses and PKE .............. SuperRetina, semi-supervised training: Dice detector loss,
+                                   progressive keypoint expansion, triplet descriptor loss
+  9. Training loops .............. train-cnn (SuperRetina's training), distill (RKD's reverse
+                                   distillation; Hajabdollahi et al. 2020 for large-to-small), DDP
  10. Command line
 
 Papers: Liu et al., "Semi-Supervised Keypoint Detector and Descriptor for Retinal Image
@@ -139,7 +145,7 @@ def check_writable(path):
 
 
 # =============================================================================================
-# 2. Image input and preprocessing (SuperRetina, Sec. 4 implementation details)
+# 2. Image input and preprocessing (SuperRetina, implementation details)
 # =============================================================================================
 
 def read_image(path) -> np.ndarray:
@@ -187,7 +193,7 @@ def apply_homography(H, pts) -> np.ndarray:
 
 
 # =============================================================================================
-# 3. Networks (SuperRetina Sec. 3.1; RKD Sec. 3.1 LK teacher; RKD Sec. 3.2 transformer student)
+# 3. Networks (SuperRetina's architecture; RKD's LK teacher and transformer student)
 # =============================================================================================
 
 def double_conv(cin, cout):
@@ -298,7 +304,7 @@ class TransformerStudent(nn.Module):
     A TransUNet-style hybrid: three conv stages (as the teacher's, full to 1/4 resolution) give
     the detector its high-resolution skips and feed 4x4 patches of their 1/4-scale features to
     a ViT-Small (12 blocks, 384 wide) whose tokens live at 1/16. The ViT has no absolute
-    position embedding, so training on random crops transfers to whole images (see Sec. 9).
+    position embedding, so training on random crops transfers to whole images (see section 9).
     Outputs are exactly the teacher's, so inference and evaluation run unchanged.
 
     forward: B x 1 x H x W -> heatmap B x 1 x H x W, descriptors B x 256 x H/8 x W/8."""
@@ -410,7 +416,7 @@ def default_model_name():
 
 
 # =============================================================================================
-# 4. Inference pipeline: detect -> describe -> match -> homography (SuperRetina Sec. 3.4)
+# 4. Inference pipeline: detect -> describe -> match -> homography (SuperRetina at test time)
 # =============================================================================================
 
 def nms(heat, radius, threshold, border=0, top_k=None):
@@ -534,7 +540,7 @@ def register(model, query, refer, cfg) -> Registration:
 
 
 # =============================================================================================
-# 5. FIRE evaluation (Hernandez-Matas et al. 2017; protocol as SuperRetina Sec. 4.2)
+# 5. FIRE evaluation (Hernandez-Matas et al. 2017; protocol as SuperRetina and RKD report it)
 # =============================================================================================
 
 @dataclass
@@ -658,7 +664,7 @@ def evaluate(model, pairs, cfg, quiet=False, on_pair=None) -> list:
 
 
 def validation_mauc(model, fire_dir, cfg):
-    """Score a model during training with the eval code (Sec. 9 keeps the best epoch)."""
+    """Score a model during training with the eval code (section 9 keeps the best epoch)."""
     pairs, _ = read_fire(fire_dir)
     was_training = model.training
     model.eval()
@@ -1010,7 +1016,7 @@ class TrainingSet:
 
 
 # =============================================================================================
-# 8. Losses and PKE (SuperRetina Sec. 3.2-3.3)
+# 8. Losses and PKE (SuperRetina's semi-supervised training)
 # =============================================================================================
 
 def random_affine(n, size, affine, gen) -> torch.Tensor:
@@ -1226,7 +1232,7 @@ def valid_mask(A, c):
 
 
 def distillation_losses(student_heat, student_desc, teacher, x, labels, kd, cfg, gen):
-    """RKD Sec. 3.3. output: Dice between the teacher's and the student's heatmaps.
+    """RKD's reverse distillation. output: Dice between the teacher's and the student's heatmaps.
     representation: triplet loss whose anchors are the teacher's descriptors at the teacher's
     keypoints (plus labels) and whose positives are the student's at the same places -- the
     student is fitted in the teacher's descriptor space, not to its final decisions."""
@@ -1260,7 +1266,7 @@ def photometric_augment(x, gen):
 
 
 # =============================================================================================
-# 9. Training loops: train-cnn (SuperRetina Sec. 3) and distill (RKD Sec. 3.3), single or DDP
+# 9. Training loops: train-cnn (SuperRetina) and distill (RKD), one process or DDP
 # =============================================================================================
 
 def pick_device(name):
