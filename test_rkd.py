@@ -380,11 +380,12 @@ def test_train_writes_resumes_and_loads_in_eval(tmp_path, synthetic_fire):
     assert model.arch == "superretina" and not model.training
 
 
-def test_sigkill_mid_training_leaves_the_checkpoint_whole(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killing_training_leaves_the_checkpoint_whole(tmp_path, sig):
     out = tmp_path / "run"
     args = [sys.executable, str(HERE / "rkd.py"), "train-cnn", "--synthetic", 2, "--size", 64, "--epochs", 50,
             "--batch", 1, "--out", out, "--quiet"]
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         deadline = time.time() + 120
@@ -392,8 +393,10 @@ def test_sigkill_mid_training_leaves_the_checkpoint_whole(tmp_path):
             time.sleep(0.2)
         time.sleep(0.7)                                              # somewhere inside a later epoch or save
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:                                         # Ctrl-C: one line, no traceback
+        assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
     ckpt = rkd.load_checkpoint(out / "last.pt")                      # whole, never half-written
     assert ckpt["epoch"] >= 1
     assert not [p for p in out.iterdir() if p.name not in ("last.pt", "best.pt") and not p.name.startswith(".")]
