@@ -73,6 +73,7 @@ class Config:
     epochs: int = 150
     batch: int = 4
     lr: float = 1e-4
+    grad_clip: float = 1.0          # max gradient norm: a single spike can kill the sigmoid detector
     seed: int = 42
     crop: int = 0                   # 0 = whole image, else random crop side (model px)
     blur_size: int = 13             # Gaussian that turns point labels into heat targets
@@ -1060,6 +1061,12 @@ def inside(points, size, margin=0):
     return ((points >= margin) & (points <= size - 1 - margin)).all(1)
 
 
+def gaussian_kernel(size, sigma):
+    """size x size Gaussian as a 1 x 1 x size x size conv weight, peak 1."""
+    k = cv2.getGaussianKernel(size, sigma)
+    return torch.from_numpy((k @ k.T) / (k @ k.T).max()).float()[None, None]
+
+
 def gaussian_targets(points, shape, cfg, weights=None):
     """Point labels -> heat targets: a 13 x 13, sigma 2 Gaussian normalised to peak 1, clipped."""
     b, _, h, w = shape
@@ -1070,9 +1077,7 @@ def gaussian_targets(points, shape, cfg, weights=None):
         xy = p.round().long().clamp(0, w - 1)
         value = torch.ones(len(p)) if weights is None or weights[i] is None else weights[i]
         impulses[i, 0].index_put_((xy[:, 1], xy[:, 0]), value, accumulate=False)
-    k = cv2.getGaussianKernel(cfg.blur_size, cfg.blur_sigma)
-    kernel = torch.from_numpy((k @ k.T) / (k @ k.T).max()).float()[None, None]
-    return F.conv2d(impulses, kernel, padding=cfg.blur_size // 2).clamp(max=1.0)
+    return F.conv2d(impulses, gaussian_kernel(cfg.blur_size, cfg.blur_sigma), padding=cfg.blur_size // 2).clamp(max=1.0)
 
 
 def dice_loss(pred, target, mask=None, eps=1e-6):
@@ -1260,7 +1265,8 @@ def photometric_augment(x, gen):
     b = len(x)
     r = lambda: torch.rand(b, 1, 1, 1, generator=gen).to(x)
     x = x * (1.0 + 0.2 * r())
-    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    kernel = gaussian_kernel(5, 1.0).to(x)
+    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel / kernel.sum())
     x = torch.where(r() < 0.2, blurred, x)
     mean = x.mean((2, 3), keepdim=True)
     x = torch.where(r() < 0.2, (x - mean) * (0.75 + 0.45 * r()) + mean, x)
@@ -1355,6 +1361,8 @@ def train(args, distill=False):
             raise UserError(f"{args.resume}: trained at --size {ckpt['config']['size']}, not {cfg.size}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:    # the loaded state carries the old rate; --lr wins
+            group["lr"] = cfg.lr
         value_maps.update(dense_value_maps(ckpt["value_maps"], cfg.size))
         start, best = ckpt["epoch"], ckpt["best"]
     frozen = model
@@ -1372,7 +1380,7 @@ def train(args, distill=False):
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * world + rank)   # resumable randomness
         order = list(sampler)
-        sums, steps, found = {}, 0, 0
+        sums, steps, found, peak = {}, 0, 0, 0.0
         model.train()
         bar = progress(range(0, len(order), cfg.batch), f"epoch {epoch + 1}/{cfg.epochs}", quiet)
         for s in bar:
@@ -1391,11 +1399,13 @@ def train(args, distill=False):
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             steps += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            peak = max(peak, heat.detach().max().item())
+            bar.set_postfix(loss=f"{loss.item():.3f}", grad=f"{norm.item():.2f}")
         share_value_maps(value_maps, [i for i in order if i in value_maps], world)
         learned = sum(len(learned_points(v, data.labels[i], cfg)) for i, v in value_maps.items())
         if main_rank:
@@ -1411,6 +1421,9 @@ def train(args, distill=False):
             print(f"epoch {epoch + 1}/{cfg.epochs}  {means}  pke_found {found}  pke_learned {learned}"
                   + (f"  val_mAUC {val:.4f}" if val is not None else "")
                   + f"  {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+            if peak < 1e-4:   # sigmoid saturated everywhere: Dice has no gradient left to recover with
+                print(f"warning: the detector heatmap collapsed to zero (max {peak:.1e}); resume from an earlier "
+                      "checkpoint with a lower --lr", file=sys.stderr, flush=True)
         if world > 1:
             torch.distributed.barrier()
     digest = check_ranks_agree(frozen, world)
@@ -1494,10 +1507,10 @@ def cmd_eval(args):
         model = load_model(name, device)
         on_pair = None
         if args.show_pairs and args.plots:
-            on_pair = lambda p, q, r, reg, n=name: write_png(Path(args.plots) / f"{Path(n).stem}_{p.name}.png", draw_matches(q, r, reg))
+            on_pair = lambda p, q, r, reg, n=name: write_png(Path(args.plots) / f"{'_'.join(Path(n).with_suffix('').parts[-2:])}_{p.name}.png", draw_matches(q, r, reg))
         rows = evaluate(model, pairs, cfg, args.quiet, on_pair)
         summary = summarise(rows)
-        label = name if name == "sift" or name in SHIPPED else Path(name).name
+        label = str(name)                 # as given: runs/lk/best.pt and runs/sr/best.pt stay apart
         runs.append((label, rows))
         summaries.append({"model": label, "arch": model.arch, "data": str(fire), "note": note, "size": cfg.size,
                           "trick": cfg.trick, "method": cfg.method, "summary": summary, "pairs": rows})

@@ -230,6 +230,7 @@ def test_eval_cli_json_csv_plots(synthetic_fire, tmp_path, tiny_checkpoint):
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 7
     assert {p.name for p in (tmp_path / "plots").glob("success_*.png")} == {f"success_{c}.png" for c in ("all", "S", "P", "A")}
     assert len(list((tmp_path / "plots").glob("sift_*.png"))) == 3
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4 + 2 * 3         # one match picture per model and pair
 
 
 @needs_fire_dev
