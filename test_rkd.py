@@ -386,16 +386,20 @@ def test_killing_training_leaves_the_checkpoint_whole(tmp_path, sig):
     out = tmp_path / "run"
     args = [sys.executable, str(HERE / "rkd.py"), "train-cnn", "--synthetic", 2, "--size", 64, "--epochs", 50,
             "--batch", 1, "--out", out, "--quiet"]
+    # a shell's background job inherits SIGINT ignored (and Python then never raises KeyboardInterrupt):
+    # give the child the default disposition, as a terminal's Ctrl-C would find it
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (out / "last.pt").exists() and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(0.7)                                              # somewhere inside a later epoch or save
-    finally:
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()                                                  # no stray trainer if anything above failed
     if sig == signal.SIGINT:                                         # Ctrl-C: one line, no traceback
         assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
     ckpt = rkd.load_checkpoint(out / "last.pt")                      # whole, never half-written
