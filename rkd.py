@@ -78,6 +78,9 @@ class Config:
     crop: int = 0                   # 0 = whole image, else random crop side (model px)
     blur_size: int = 13             # Gaussian that turns point labels into heat targets
     blur_sigma: float = 2.0
+    pke_start: int = 1              # epochs of plain label Dice before PKE and its consistency term
+                                    # (SuperRetina's pke_start_epoch): a featureless map satisfies the
+                                    # consistency term, so the detector must first learn to peak
     pke_threshold: float = 0.5      # geometric filter: warped heatmap must reach this
     pke_ratio: float = 0.7          # content filter: descriptor ratio test
     pke_match_px: float = 4.0       # content filter: nearest descriptor must sit this close
@@ -1080,13 +1083,15 @@ def gaussian_targets(points, shape, cfg, weights=None):
     return F.conv2d(impulses, gaussian_kernel(cfg.blur_size, cfg.blur_sigma), padding=cfg.blur_size // 2).clamp(max=1.0)
 
 
-def dice_loss(pred, target, mask=None, eps=1e-6):
-    """1 - Dice with squared denominators (Milletari et al.), one value per image, averaged."""
+def dice_loss(pred, target, mask=None, eps=1e-3):
+    """1 - Dice with squared denominators (Milletari et al.), one ratio over the whole batch as
+    SuperRetina computes it. Per-image ratios are unstable on small crops: where a crop's maps
+    are faint the ratio's gradient grows as 1 / (its energy), and such spikes collapsed the
+    detector to an all-zero heatmap within a few epochs."""
     if mask is not None:
         pred, target = pred * mask, target * mask
-    dims = tuple(range(1, pred.dim()))
-    inter = (pred * target).sum(dims)
-    return (1 - 2 * inter / ((pred ** 2).sum(dims) + (target ** 2).sum(dims) + eps)).mean()
+    inter = (pred * target).sum()
+    return 1 - (2 * inter + eps) / ((pred ** 2).sum() + (target ** 2).sum() + eps)
 
 
 def triplet_loss(anchor, positive, positions, cfg, gen):
@@ -1181,12 +1186,13 @@ def descriptor_points(heat, labels, crop, n, gen):
     return pts
 
 
-def semi_supervised_losses(model, frozen, x, labels, value_maps, offsets, cfg, gen):
+def semi_supervised_losses(model, frozen, x, labels, value_maps, offsets, cfg, gen, pke=True):
     """SuperRetina's training objective on a batch of crops x (B x 1 x C x C).
 
     Detector: Dice against labels grown by PKE (initial labels 1, learned 0.5) for labelled
     images, plus Dice between the prediction and the warped-back prediction of a strong affine
-    copy for every image. Descriptor: triplet loss between the image and a mild affine copy.
+    copy for every image; with pke=False (the warm-up epochs) only Dice against the initial
+    labels. Descriptor: triplet loss between the image and a mild affine copy.
     `frozen` is the same network without DDP, for the no-gradient PKE pass.
     Returns (losses dict, heat, desc, PKE points found per image)."""
     b, _, c, _ = x.shape
@@ -1195,14 +1201,16 @@ def semi_supervised_losses(model, frozen, x, labels, value_maps, offsets, cfg, g
     x_mild = (x_mild * (0.8 + 0.4 * torch.rand(b, 1, 1, 1, generator=gen).to(x))).clamp(0, 1)  # colour jitter
     heat_all, desc_all = model(torch.cat([x, x_mild]))       # one forward: DDP sees one graph
     heat, heat_mild, desc, desc_mild = heat_all[:b], heat_all[b:], desc_all[:b], desc_all[b:]
-    A_strong = random_affine(b, c, cfg.strong_affine, gen)
-    with torch.no_grad():
-        heat_s, desc_s = frozen(warp(x, A_strong))
+    if pke:
+        A_strong = random_affine(b, c, cfg.strong_affine, gen)
+        with torch.no_grad():
+            heat_s, desc_s = frozen(warp(x, A_strong))
     det, found, targets, has = [], [], [], []
     for i in range(b):
-        if labels[i] is None:
+        if labels[i] is None or not pke:
             found.append(None)
-            targets.append(None)
+            targets.append(None if labels[i] is None else (labels[i], torch.ones(len(labels[i]))))
+            has += [] if labels[i] is None else [i]
             continue
         pts = progressive_keypoint_expansion(heat[i].detach(), heat_s[i], desc[i].detach(), desc_s[i], A_strong[i], cfg)
         found.append(pts)
@@ -1215,8 +1223,9 @@ def semi_supervised_losses(model, frozen, x, labels, value_maps, offsets, cfg, g
     if has:
         t = gaussian_targets([targets[i][0] for i in has], (len(has), 1, c, c), cfg, [targets[i][1] for i in has]).to(x)
         det.append(dice_loss(heat[has], t))
-    back = warp_back(heat_s, A_strong)                        # strong copy's heat in this frame
-    det.append(dice_loss(heat, back, valid_mask(A_strong, c).to(x)))
+    if pke:
+        back = warp_back(heat_s, A_strong)                    # strong copy's heat in this frame
+        det.append(dice_loss(heat, back, valid_mask(A_strong, c).to(x)))
     pts = [descriptor_points(heat[i], targets[i][0] if targets[i] else None, c, cfg.triplet_points, gen) for i in range(b)]
     desc_losses = []
     for i in range(b):
@@ -1225,7 +1234,7 @@ def semi_supervised_losses(model, frozen, x, labels, value_maps, offsets, cfg, g
         anchor = sample_descriptors(desc[i:i + 1], [pts[i][keep].to(x.device)], (c, c))[0]
         positive = sample_descriptors(desc_mild[i:i + 1], [moved[keep].to(x.device)], (c, c))[0]
         desc_losses.append(triplet_loss(anchor, positive, pts[i][keep].to(x.device), cfg, gen))
-    return {"det": sum(det), "desc": torch.stack(desc_losses).mean()}, heat, desc, found
+    return {"det": sum(det) if det else heat.sum() * 0, "desc": torch.stack(desc_losses).mean()}, heat, desc, found
 
 
 def warp_back(heat_w, A):
@@ -1333,7 +1342,8 @@ def check_ranks_agree(model, world):
 def train(args, distill=False):
     """One loop for both commands. train-cnn: the semi-supervised SuperRetina objective.
     distill: a student against a frozen teacher, with the student's own losses optionally."""
-    cfg = dataclasses.replace(CFG, size=args.size, crop=args.crop, lr=args.lr, batch=args.batch, epochs=args.epochs, seed=args.seed)
+    cfg = dataclasses.replace(CFG, size=args.size, crop=args.crop, lr=args.lr, batch=args.batch, epochs=args.epochs,
+                              seed=args.seed, pke_start=args.pke_start)
     device = pick_device(args.device)
     rank, world = init_distributed(device)
     main_rank, quiet = rank == 0, args.quiet or rank != 0
@@ -1390,7 +1400,8 @@ def train(args, distill=False):
             maps = [value_maps.get(i) for i in idx]
             losses = {}
             if not distill or args.self_loss == "on" or args.kd == "none":
-                losses, heat, desc, pke = semi_supervised_losses(model, frozen, x, labels, maps, offsets, cfg, gen)
+                losses, heat, desc, pke = semi_supervised_losses(model, frozen, x, labels, maps, offsets, cfg, gen,
+                                                                 pke=epoch >= cfg.pke_start)
                 found += sum(len(p) for p in pke if p is not None)
             else:
                 heat, desc = model(x)
@@ -1418,7 +1429,7 @@ def train(args, distill=False):
             if improved:
                 save_checkpoint(out / "best.pt", frozen, **state)
             means = " ".join(f"{k} {v / max(steps, 1):.4f}" for k, v in sums.items())
-            print(f"epoch {epoch + 1}/{cfg.epochs}  {means}  pke_found {found}  pke_learned {learned}"
+            print(f"epoch {epoch + 1}/{cfg.epochs}  {means}  heat_max {peak:.3f}  pke_found {found}  pke_learned {learned}"
                   + (f"  val_mAUC {val:.4f}" if val is not None else "")
                   + f"  {(time.perf_counter() - started) / 60:.1f} min", flush=True)
             if peak < 1e-4:   # sigmoid saturated everywhere: Dice has no gradient left to recover with
@@ -1661,6 +1672,8 @@ def build_parser():
         t.add_argument("--batch", type=int, default=CFG.batch, help="images per step, per process (default: %(default)s)")
         t.add_argument("--lr", type=float, default=CFG.lr, help="Adam learning rate (default: %(default)s)")
         t.add_argument("--seed", type=int, default=CFG.seed, help="(default: %(default)s)")
+        t.add_argument("--pke-start", type=int, default=CFG.pke_start,
+                       help="epochs of plain label Dice before PKE and the consistency term start (default: %(default)s)")
         t.add_argument("--out", required=True, help="run folder: last.pt every epoch, best.pt")
         t.add_argument("--resume", help="continue from this checkpoint (last.pt)")
         t.add_argument("--val", help="FIRE-layout folder scored after each epoch; the best epoch is kept")
@@ -1710,6 +1723,8 @@ def check_arguments(args):
         raise UserError("--size must be a positive multiple of 8, and --crop a multiple of 8 no larger than --size")
     if getattr(args, "val_size", 0) < 0 or getattr(args, "val_size", 0) % 8:
         raise UserError("--val-size must be a multiple of 8")
+    if getattr(args, "pke_start", 0) < 0:
+        raise UserError("--pke-start must be 0 or more")
     for flag in ("batch", "repeat", "epochs", "pairs"):
         if getattr(args, flag, 1) < 1:
             raise UserError(f"--{flag} must be at least 1")
