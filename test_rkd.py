@@ -362,6 +362,18 @@ def test_semi_supervised_loss_falls_on_a_fixed_batch():
     assert history[-1] < 0.9 * history[0], history
 
 
+def test_warm_up_trains_on_labels_only_and_leaves_value_maps_alone():
+    x, offsets, labels = fixed_batch()
+    maps = [torch.ones(64, 64) for _ in labels]
+    model = rkd.LKSuperRetina()
+    losses, _, _, found = rkd.semi_supervised_losses(model, model, x, labels, maps, offsets, CFG,
+                                                     torch.Generator().manual_seed(1), pke=False)
+    assert found == [None, None] and all((m == 1).all() for m in maps)
+    target = rkd.gaussian_targets(labels, x.shape, CFG)
+    heat, _ = model(x)
+    assert abs(losses["det"].item() - rkd.dice_loss(heat, target).item()) < 1e-4   # no consistency term
+
+
 # ---------------------------------------------------------------- training CLI --------------
 
 def test_train_writes_resumes_and_loads_in_eval(tmp_path, synthetic_fire):
