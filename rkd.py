@@ -1207,17 +1207,17 @@ def semi_supervised_losses(model, frozen, x, labels, value_maps, offsets, cfg, g
             heat_s, desc_s = frozen(warp(x, A_strong))
     det, found, targets, has = [], [], [], []
     for i in range(b):
-        if labels[i] is None or not pke:
+        if labels[i] is None:
             found.append(None)
-            targets.append(None if labels[i] is None else (labels[i], torch.ones(len(labels[i]))))
-            has += [] if labels[i] is None else [i]
+            targets.append(None)
             continue
-        pts = progressive_keypoint_expansion(heat[i].detach(), heat_s[i], desc[i].detach(), desc_s[i], A_strong[i], cfg)
-        found.append(pts)
-        value = value_maps[i]
-        update_value_map(value, pts, offsets[i], c, cfg)
-        x0, y0 = offsets[i]
-        learned = learned_points(value[y0:y0 + c, x0:x0 + c], labels[i], cfg)
+        learned = labels[i][:0]
+        if pke:
+            pts = progressive_keypoint_expansion(heat[i].detach(), heat_s[i], desc[i].detach(), desc_s[i], A_strong[i], cfg)
+            update_value_map(value_maps[i], pts, offsets[i], c, cfg)
+            x0, y0 = offsets[i]
+            learned = learned_points(value_maps[i][y0:y0 + c, x0:x0 + c], labels[i], cfg)
+        found.append(pts if pke else None)
         targets.append((torch.cat([labels[i], learned]), torch.cat([torch.ones(len(labels[i])), torch.full((len(learned),), cfg.learned_weight)])))
         has.append(i)
     if has:
