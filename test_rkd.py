@@ -311,6 +311,18 @@ def test_triplet_loss_perfect_wrong_and_gradient():
     assert shuffled.grad.abs().sum() > 0
 
 
+def test_batch_triplet_loss_takes_negatives_from_other_crops_only_where_far():
+    gen = torch.Generator().manual_seed(0)
+    d = torch.eye(3)[:2]                                      # two distinct descriptors, 20 px apart
+    pts = torch.tensor([[10.0, 10.0], [30.0, 10.0]])
+    assert rkd.batch_triplet_loss([d], [d], [pts], CFG, gen) < 0.05          # only GOR's small term
+    # a second crop with the same descriptors at the same pixels: for every anchor there is now
+    # a negative as close as its positive, so the margin is violated in full (0.8)
+    assert rkd.batch_triplet_loss([d, d], [d, d], [pts, pts], CFG, gen) > 0.79
+    near = torch.tensor([[10.0, 10.0], [14.0, 10.0]])         # within negative_px: never negatives
+    assert rkd.batch_triplet_loss([d], [d], [near], CFG, gen) == 0
+
+
 def test_pke_keeps_consistent_points_and_drops_others():
     size = 64
     A = torch.tensor([[1.0, 0, 6], [0, 1, 4], [0, 0, 1]])        # the affine copy is shifted by (6, 4)
@@ -470,8 +482,9 @@ def test_distillation_leaves_the_teacher_bit_identical():
 
 
 def test_kd_loss_falls_over_a_few_steps():
-    history = distill_steps(FixedTeacher(), 8)
-    assert history[-1] < history[0] - 0.03, history                 # seeded: falls by ~0.07 here
+    history = distill_steps(FixedTeacher(), 12)
+    first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
+    assert last < first - 0.03, history                             # seeded: falls by ~0.08 here
 
 
 @pytest.mark.parametrize("student,kd", [("vit_student", "representation"), ("vit_student", "output"),
