@@ -1372,7 +1372,7 @@ def train(args, distill=False):
     arch = args.student if distill else args.arch
     model = build_model(arch).to(device)
     teacher = None
-    if distill:
+    if distill and args.kd != "none":
         teacher = load_model(args.teacher, device)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -1702,7 +1702,7 @@ def build_parser():
     t.set_defaults(func=lambda a: train(a, distill=False))
 
     d = sub.add_parser("distill", parents=[common], help="train a student from a frozen teacher (RKD)")
-    d.add_argument("--teacher", required=True, help="teacher checkpoint or shipped name")
+    d.add_argument("--teacher", help="teacher checkpoint or shipped name (not needed with --kd none)")
     d.add_argument("--student", default="vit_student", choices=["vit_student", "small_cnn", "lk", "superretina"], help="(default: %(default)s)")
     d.add_argument("--kd", default="representation", choices=["representation", "output", "both", "none"],
                    help="representation: descriptor-space fitting (the paper); output: heatmap only; none: no teacher (default: %(default)s)")
@@ -1740,6 +1740,8 @@ def check_arguments(args):
         raise UserError("--size must be a positive multiple of 8, and --crop a multiple of 8 no larger than --size")
     if getattr(args, "val_size", 0) < 0 or getattr(args, "val_size", 0) % 8:
         raise UserError("--val-size must be a multiple of 8")
+    if getattr(args, "kd", "none") != "none" and not args.teacher:
+        raise UserError(f"distill --kd {args.kd} needs --teacher (a checkpoint or shipped name)")
     if getattr(args, "pke_start", 0) < 0:
         raise UserError("--pke-start must be 0 or more")
     for flag in ("batch", "repeat", "epochs", "pairs"):
