@@ -105,7 +105,8 @@ CHECKPOINT_FORMAT = "rkd-checkpoint-v1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = {"lk": "lk_teacher.pt", "student": "rkd_student.pt",
            "superretina": "superretina_teacher.pt", "direct": "direct_transformer.pt"}
-DEFAULT_ORDER = ("student", "lk", "superretina", "direct")   # best shipped model first
+ATTENTION_WINDOW = 256                            # px: the student's ViT attends within such squares
+DEFAULT_ORDER = ("lk", "student", "superretina", "direct")   # best shipped first, by FIRE-dev mAUC (README)
 
 
 class UserError(Exception):
@@ -310,8 +311,8 @@ class TransformerStudent(nn.Module):
     A TransUNet-style hybrid: three conv stages (as the teacher's, full to 1/4 resolution) give
     the detector its high-resolution skips and feed 4x4 patches of their 1/4-scale features to
     a ViT-Small (12 blocks, 384 wide) whose tokens live at 1/16. The ViT has no absolute
-    position embedding, so training on random crops transfers to whole images (see section 9).
-    Outputs are exactly the teacher's, so inference and evaluation run unchanged.
+    position embedding and attends within 256 px windows (near the crop sizes it trains on), so training
+    on random crops transfers to whole images (see windowed_vit). Outputs are exactly the teacher's, so inference and evaluation run unchanged.
 
     forward: B x 1 x H x W -> heatmap B x 1 x H x W, descriptors B x 256 x H/8 x W/8."""
     arch = "vit_student"
@@ -334,11 +335,32 @@ class TransformerStudent(nn.Module):
         x1 = self.stages[0](x)                                   # B x c1 x H x W
         x2 = self.stages[1](F.max_pool2d(x1, 2))                 # B x c2 x H/2 x W/2
         x3 = self.stages[2](F.max_pool2d(x2, 2))                 # B x c3 x H/4 x W/4
-        tokens = self.vit.forward_intermediates(x3, indices=1, norm=True, intermediates_only=True)[0]  # B x E x H/16 x W/16
+        tokens = self.windowed_vit(x3)                          # B x E x H/16 x W/16
         t8 = F.interpolate(tokens, scale_factor=2, mode="bilinear", align_corners=False)[..., :h8, :w8]
         heat = self.detector(x1, x2, x3, self.neck(t8))
         desc = F.normalize(self.descriptor(t8), dim=1)           # B x 256 x H/8 x W/8
         return heat, desc
+
+    def windowed_vit(self, x3):
+        """ViT tokens of 1/4-scale features, attention limited to ATTENTION_WINDOW px squares.
+
+        Trained on 128 px crops, the ViT has only seen 8 x 8 tokens; on a whole 768 px image
+        (48 x 48 tokens) its heatmap vanished (max 0.37 at 256 px inputs, 0.05 at 384, 0 at 768).
+        Larger inputs are therefore cut into windows the ViT runs on separately (Swin-style local
+        attention); the convolutional stem and decoders still see the whole image."""
+        def vit(t):
+            return self.vit.forward_intermediates(t, indices=1, norm=True, intermediates_only=True)[0]
+        w = ATTENTION_WINDOW // 4                                # window side in 1/4-scale pixels
+        b, c, h, wd = x3.shape
+        if h <= w and wd <= w:
+            return vit(x3)
+        padded = F.pad(x3, (0, -wd % w, 0, -h % w))
+        nh, nw = padded.shape[-2] // w, padded.shape[-1] // w
+        tiles = padded.unfold(2, w, w).unfold(3, w, w).permute(0, 2, 3, 1, 4, 5).reshape(-1, c, w, w)
+        t = vit(tiles)                                           # B*nh*nw x E x w/4 x w/4
+        e, s = t.shape[1], t.shape[-1]
+        t = t.view(b, nh, nw, e, s, s).permute(0, 3, 1, 4, 2, 5).reshape(b, e, nh * s, nw * s)
+        return t[..., :math.ceil(h / 4), :math.ceil(wd / 4)]
 
 
 ARCHS = {cls.arch: cls for cls in (SuperRetina, LKSuperRetina, SmallCNN, TransformerStudent)}
@@ -1693,7 +1715,7 @@ def build_parser():
                        help="epochs of plain label Dice before PKE and the consistency term start (default: %(default)s)")
         t.add_argument("--out", required=True, help="run folder: last.pt every epoch, best.pt")
         t.add_argument("--resume", help="continue from this checkpoint (last.pt)")
-        t.add_argument("--val", help="FIRE-layout folder scored after each epoch; the best epoch is kept")
+        t.add_argument("--val", help="FIRE-layout folder scored after each epoch, the best epoch kept (use `synth` pairs: FIRE is a test set)")
         t.add_argument("--val-size", type=int, default=0, help="model size for validation (default: --size)")
 
     t = sub.add_parser("train-cnn", parents=[common], help="train a CNN teacher semi-supervised (SuperRetina)")
