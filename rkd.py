@@ -66,7 +66,9 @@ class Config:
     max_keypoints: int = 2048       # strongest keypoints kept per image
     ratio: float = 0.9              # Lowe ratio for kNN matching of learned descriptors
     sift_ratio: float = 0.8         # ... and of SIFT's, Lowe's own value (tuned on FIRE-dev only)
-    method: str = "lmeds"           # cv2.findHomography robust estimator: lmeds | ransac
+    method: str = "ransac"          # cv2.findHomography estimator: ransac | lmeds (SuperRetina's). LMEDS
+                                    # needs a majority of right matches; on the synthetic benchmark
+                                    # RANSAC lifts SIFT 0.66 -> 0.97 and the LK teacher 0.00 -> 0.68
     ransac_px: float = 5.0          # RANSAC reprojection threshold, in model pixels
     trick: bool = True              # SuperRetina's two-stage "matching trick"
     # training (SuperRetina / RKD defaults)

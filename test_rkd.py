@@ -650,6 +650,6 @@ def test_shipped_weights_load_and_match_their_sha256(path):
 def test_shipped_teacher_matches_synthetic_pairs(synthetic_fire):
     pairs, _ = rkd.read_fire(synthetic_fire)
     model = rkd.load_model("lk")
-    cfg = rkd.dataclasses.replace(CFG, size=768, method="ransac")          # the scale it was trained at
+    cfg = rkd.dataclasses.replace(CFG, size=768, method="ransac")          # its scale, the default estimator
     summary = rkd.summarise(rkd.evaluate(model, pairs, cfg, quiet=True))
     assert summary["mAUC"] > SHIPPED_FLOOR, summary
