@@ -313,8 +313,9 @@ class TransformerStudent(nn.Module):
     A TransUNet-style hybrid: three conv stages (as the teacher's, full to 1/4 resolution) give
     the detector its high-resolution skips and feed 4x4 patches of their 1/4-scale features to
     a ViT-Small (12 blocks, 384 wide) whose tokens live at 1/16. The ViT has no absolute
-    position embedding and attends within 256 px windows (near the crop sizes it trains on), so training
-    on random crops transfers to whole images (see windowed_vit). Outputs are exactly the teacher's, so inference and evaluation run unchanged.
+    position embedding and attends within 256 px windows (near the crop sizes it trains on), so
+    training on random crops transfers to whole images (see windowed_vit). Outputs are exactly
+    the teacher's, so inference and evaluation run unchanged.
 
     forward: B x 1 x H x W -> heatmap B x 1 x H x W, descriptors B x 256 x H/8 x W/8."""
     arch = "vit_student"
@@ -1118,19 +1119,21 @@ def dice_loss(pred, target, mask=None, eps=1e-3):
     return 1 - (2 * inter + eps) / ((pred ** 2).sum() + (target ** 2).sum() + eps)
 
 
-def triplet_loss(anchor, positive, positions, cfg, gen):
+def triplet_loss(anchor, positive, positions, cfg, gen, images=None):
     """Triplet loss on cosine distance with the hardest and a random negative, plus GOR.
 
     anchor, positive: N x D unit descriptors of the same N places (two views, or teacher and
-    student); positions: N x 2, so that spatial neighbours of an anchor are never its negatives.
+    student); positions: N x 2, so that spatial neighbours of an anchor are never its negatives;
+    images: optional N crop indices, places in different crops are never neighbours.
     GOR (Zhang et al. 2017) spreads non-matching descriptors over the sphere."""
     n, dim = anchor.shape
     if n < 3:
         return anchor.sum() * 0
     dist = 1 - anchor @ positive.T                                   # N x N cosine distances
     d_pos = dist.diagonal()
-    # exact distances: the matrix-product shortcut loses pixels when positions are large (image tags)
-    near = torch.cdist(positions, positions, compute_mode="donot_use_mm_for_euclid_dist") < cfg.negative_px
+    near = torch.cdist(positions, positions) < cfg.negative_px        # includes the diagonal
+    if images is not None:                                            # places in other crops are never near
+        near &= images[:, None] == images[None, :]
     d_hard = dist.masked_fill(near, float("inf")).min(1).values
     rows = torch.arange(n, device=anchor.device)
     rand = (rows + torch.randint(1, n, (n,), generator=gen).to(anchor.device)) % n
@@ -1220,10 +1223,10 @@ def descriptor_points(heat, labels, crop, n, gen):
 
 def batch_triplet_loss(anchors, positives, points, cfg, gen):
     """Triplet loss over the keypoints of a whole batch of crops: one crop holds few keypoints,
-    the batch gives each anchor enough negatives. Lists per image of N_i x D descriptors and N_i x 2
-    positions; a third coordinate (image index x 1e6) keeps other images' points never "near"."""
-    tagged = [torch.cat([p, torch.full((len(p), 1), 1e6 * i, device=p.device)], 1) for i, p in enumerate(points)]
-    return triplet_loss(torch.cat(anchors), torch.cat(positives), torch.cat(tagged), cfg, gen)
+    the batch gives each anchor enough negatives. Lists per image of N_i x D descriptors and
+    N_i x 2 positions (pixels of that image's crop)."""
+    images = torch.cat([torch.full((len(p),), i, device=p.device) for i, p in enumerate(points)])
+    return triplet_loss(torch.cat(anchors), torch.cat(positives), torch.cat(points), cfg, gen, images)
 
 
 def semi_supervised_losses(model, frozen, x, labels, value_maps, offsets, cfg, gen, pke=True):
