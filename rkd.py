@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime
 import hashlib
 import io
 import json
@@ -57,44 +58,55 @@ from tqdm import tqdm
 
 @dataclass
 class Config:
-    """Every tunable number in one place; argparse defaults are read from here."""
-    # inference (SuperRetina's test settings)
+    """Every tunable number in one place; argparse defaults are read from here. Training values
+    are SuperRetina's config/train.yaml (its latest version, commit da96bd5) unless a comment
+    says otherwise; README's "Deviations" table lists every departure with its evidence."""
+    # inference (SuperRetina's config/test.yaml and test_on_FIRE.py)
     size: int = 768                 # network input side; images are resized to size x size
     nms_radius: int = 10            # keypoints closer than this (model px) are suppressed
     nms_threshold: float = 0.01     # minimum heatmap value of a keypoint at test time
     border: int = 4                 # keypoints this close to the image edge are dropped
-    max_keypoints: int = 2048       # strongest keypoints kept per image
+    max_keypoints: int = 2048       # strongest keypoints kept per image (ours: bounds matching cost)
     ratio: float = 0.9              # Lowe ratio for kNN matching of learned descriptors
-    sift_ratio: float = 0.8         # ... and of SIFT's, Lowe's own value (tuned on FIRE-dev only)
-    method: str = "ransac"          # cv2.findHomography estimator: ransac | lmeds (SuperRetina's). LMEDS
-                                    # needs a majority of right matches; on the synthetic benchmark
-                                    # RANSAC lifts SIFT 0.66 -> 0.97 and the LK teacher 0.00 -> 0.68
+    sift_ratio: float = 0.8         # ... and of SIFT's, Lowe's own value
+    method: str = "ransac"          # cv2.findHomography estimator: ransac | lmeds (SuperRetina's);
+                                    # a deviation, see README "Deviations"
     ransac_px: float = 5.0          # RANSAC reprojection threshold, in model pixels
     trick: bool = True              # SuperRetina's two-stage "matching trick"
-    # training (SuperRetina / RKD defaults)
+    precision: str = "fp32"         # autocast for the networks: fp32 | bf16 | fp16 (--precision)
+    # training: optimiser (train.py: Adam 1e-4, batch 4, 150 epochs, no clipping)
     epochs: int = 150
     batch: int = 4
     lr: float = 1e-4
-    grad_clip: float = 1.0          # max gradient norm: a single spike can kill the sigmoid detector
+    grad_clip: float = 0.0          # max gradient norm; 0 = off, as SuperRetina
     seed: int = 42
     crop: int = 0                   # 0 = whole image, else random crop side (model px)
-    blur_size: int = 13             # Gaussian that turns point labels into heat targets
-    blur_sigma: float = 2.0
-    pke_start: int = 1              # epochs of plain label Dice before PKE and its consistency term
-                                    # (SuperRetina's pke_start_epoch): a featureless map satisfies the
-                                    # consistency term, so the detector must first learn to peak
-    pke_threshold: float = 0.5      # geometric filter: warped heatmap must reach this
-    pke_ratio: float = 0.7          # content filter: descriptor ratio test
-    pke_match_px: float = 4.0       # content filter: nearest descriptor must sit this close
-    learned_weight: float = 0.5     # label weight of a PKE-learned point (initial labels: 1)
-    value_decay: float = 0.5        # value map: points not found again decay by this factor
-    value_threshold: float = 1.0    # value map: a point is learned at this value
+    # detector targets: get_gaussian_kernel(13, 2) convolved with the label points, clipped at 1
+    blur_size: int = 13
+    blur_nsig: float = 2.0          # the kernel spans +/- (nsig + a half bin) standard deviations
+    # PKE (pke_module.py, record_module.py)
+    pke_start: int = 0              # pke_start_epoch: epochs of plain label Dice before PKE
+    train_nms_radius: int = 10      # NMS of PKE candidates, descriptor-loss and KD keypoints (RKD's
+                                    # train.yaml, SuperRetina's older one, has 20 and 0.5)
+    train_nms_threshold: float = 0.1
+    train_border: int = 8
+    geometric_threshold: float = 0.5   # geometric filter: warped heatmap must reach this
+    max_geometric: int = 1024       # at most this many geometric survivors per image
+    content_ratio: float = 0.7      # content filter: nearest / second-nearest descriptor distance
+    value_area: int = 8             # value map: `area`; the neighbourhood is a value_area/2 square
+    value_increase_point: int = 5   # value map: a point found where nothing was recorded
+    value_increase_area: int = 1    # value map: a point found beside recorded values
+    value_decay: int = 1            # value map: a recorded value not found again loses this
+    learned_label: float = 0.5      # PKE-learned point before it is merged with the labels
+    # descriptor loss (super_retina.py descriptor_loss, loss/triplet_loss.py)
     margin: float = 0.8             # triplet margin on cosine distance
-    gor_weight: float = 1.0         # global orthogonal regulariser weight
-    triplet_points: int = 256       # descriptor points per image in a triplet batch
-    negative_px: float = 8.0        # points this close to the anchor are never its negatives
-    strong_affine: tuple = (15.0, 0.2, 0.9, 1.35)   # PKE warp: degrees, translation, scales
-    descriptor_affine: tuple = (10.0, 0.2, 0.95, 1.35)   # descriptor warp (SuperRetina's)
+    max_descriptor_points: int = 1000   # more keypoints in an image: no descriptor loss that step
+    # warps (train_util.py affine_images): degrees, translation (fraction of size), scale range
+    detector_affine: tuple = (15.0, 0.2, 0.9, 1.35)
+    descriptor_affine: tuple = (3.0, 0.1, 0.9, 1.1)
+    jitter_probability: float = 0.6  # descriptor copy's colour jitter, once per batch
+    jitter_brightness: float = 0.4
+    jitter_contrast: float = 0.3
 
 
 CFG = Config()
@@ -108,7 +120,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = {"lk": "lk_teacher.pt", "student": "rkd_student.pt",
            "superretina": "superretina_teacher.pt", "direct": "direct_transformer.pt"}
 ATTENTION_WINDOW = 256                            # px: the student's ViT attends within such squares
-DEFAULT_ORDER = ("lk", "student", "superretina", "direct")   # best shipped first, by FIRE-dev mAUC (README)
+DEFAULT_ORDER = ("lk", "student", "superretina", "direct")   # best first, by validation (weights/README)
 
 
 class UserError(Exception):
@@ -118,6 +130,12 @@ class UserError(Exception):
 def progress(iterable, desc, quiet=False, **kw):
     # disable=None: no bars when stderr is not a terminal (logs, pipes, CI)
     return tqdm(iterable, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True, **kw)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path, data: bytes):
@@ -131,12 +149,29 @@ def write_atomic(path, data: bytes):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())      # mkstemp makes 0600; give what the umask gives
         os.replace(tmp, path)
     except BaseException as e:                      # Ctrl-C included: leave no temporary behind
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def json_bytes(doc) -> bytes:
+    """Strict JSON (RFC 8259): NaN and infinities become null, numpy scalars plain numbers;
+    strings are written as they are."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (np.integer, np.floating)):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+    return json.dumps(clean(doc), indent=1, allow_nan=False).encode()
 
 
 def write_png(path, image):
@@ -158,41 +193,63 @@ def check_writable(path):
 # =============================================================================================
 
 def read_image(path) -> np.ndarray:
-    """BGR uint8 image; unreadable or truncated files are a UserError (OpenCV would only warn)."""
+    """H x W x 3 image in its own bit depth (8-bit, 16-bit -- 12-bit data stored in 16 bits
+    too -- or float), grey images repeated to 3 channels, alpha dropped. A file OpenCV cannot
+    decode, or a JPEG or PNG cut short (OpenCV would only warn), is a UserError."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    truncated = ((data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]) or
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error:                               # e.g. larger than OpenCV's pixel limit
+        image = None
+    # cut short: no end-of-image marker after the last start-of-scan (JPEG), or no IEND (PNG)
+    truncated = ((data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") <= data.rfind(b"\xff\xda")) or
                  (data[:4] == b"\x89PNG" and b"IEND" not in data[-64:]))
-    if image is None or truncated:
-        raise UserError(f"{path}: not a readable image" + (" (truncated)" if truncated else ""))
+    if truncated:
+        raise UserError(f"{path}: not a readable image (truncated)")
+    if image is None:
+        raise UserError(f"{path}: not a readable image (OpenCV cannot decode it: not an image, or a format "
+                        "its build lacks; convert it to PNG or TIFF)")
     return image
 
 
-def preprocess(bgr: np.ndarray, size: int) -> np.ndarray:
-    """Fundus photograph -> size x size float32 in [0, 1], as SuperRetina feeds its network.
+def to_uint8(image) -> np.ndarray:
+    """An image of any bit depth scaled to 8 bits for pictures (its own maximum -> 255)."""
+    if image.dtype == np.uint8:
+        return image
+    top = float(image.max()) or 1.0
+    return np.clip(image.astype(np.float32) * (255.0 / top), 0, 255).astype(np.uint8)
 
-    Green channel (best vessel contrast), z-score then min-max to 0..255, CLAHE (clip 2, 8x8
-    tiles), gamma 1.2, then resize. The first steps run at the original resolution so CLAHE's
-    tiles see the same anatomy whatever the model size.
-    """
-    g = bgr[:, :, 1].astype(np.float32)
+
+def preprocess(image: np.ndarray, size: int) -> np.ndarray:
+    """Fundus photograph (H x W x 3, any bit depth) -> size x size float32 in [0, 1], as
+    SuperRetina feeds its network.
+
+    Green channel (best vessel contrast), z-score then min-max to 0..255 -- so 16-bit data keep
+    their full dynamic range --, CLAHE (clip 2, 8x8 tiles), gamma 1.2, at the original
+    resolution so CLAHE's tiles see the same anatomy whatever the model size. A non-square
+    photograph is then padded with black at the bottom or right to a square (SuperRetina
+    stretches it; README "Deviations"), and the square resized to size x size."""
+    g = image[:, :, 1].astype(np.float32)
     g = (g - g.mean()) / (g.std() + 1e-8)
     g = (g - g.min()) / (g.max() - g.min() + 1e-8) * 255.0
     g = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(g.astype(np.uint8))
     gamma_lut = ((np.arange(256) / 255.0) ** (1.0 / 1.2) * 255.0).astype(np.uint8)
     g = cv2.LUT(g, gamma_lut)
-    g = cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA if g.shape[0] > size else cv2.INTER_LINEAR)
+    side = max(g.shape)
+    if g.shape != (side, side):
+        g = cv2.copyMakeBorder(g, 0, side - g.shape[0], 0, side - g.shape[1], cv2.BORDER_CONSTANT, value=0)
+    g = cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
     return g.astype(np.float32) / 255.0
 
 
 def model_to_original(shape, size) -> np.ndarray:
-    """3x3 matrix taking model-pixel coordinates to original-pixel coordinates (pixel centres)."""
-    h, w = shape[:2]
-    sx, sy = w / size, h / size
-    return np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]], np.float64)
+    """3x3 matrix taking model-pixel coordinates to original-pixel coordinates (pixel centres);
+    one scale for both axes, since preprocess pads to a square instead of stretching."""
+    s = max(shape[:2]) / size
+    return np.array([[s, 0, (s - 1) / 2], [0, s, (s - 1) / 2], [0, 0, 1]], np.float64)
 
 
 def apply_homography(H, pts) -> np.ndarray:
@@ -205,30 +262,28 @@ def apply_homography(H, pts) -> np.ndarray:
 # 3. Networks (SuperRetina's architecture; RKD's LK teacher and transformer student)
 # =============================================================================================
 
-def double_conv(cin, cout):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True))
+def double_conv(cin, cout, act=None):
+    """Two 3x3 convolutions, each followed by `act` (default ReLU, SuperRetina's)."""
+    act = act or nn.ReLU(inplace=True)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), act, nn.Conv2d(cout, cout, 3, padding=1), act)
 
 
 class LKBlock(nn.Module):
-    """LKU-Net block (Jia et al. 2022) as RKD uses it: identity + 1x1 + 3x3 + 5x5, summed, PReLU.
+    """LKU-Net block (Jia et al. 2022) as RKD's LKUNET model builds one encoder stage:
+    act(3x3 conv), then identity + 1x1 + 3x3 + 5x5 convolutions summed, then act again.
 
-    The parallel kernels widen the receptive field at almost no cost; RKD reports the change
-    lifts SuperRetina's FIRE mAUC (0.755 -> 0.761)."""
+    The parallel kernels widen the receptive field at little cost; the RKD paper reports the
+    change lifts SuperRetina's FIRE mAUC (0.755 -> 0.761). `act` is the network's one PReLU."""
 
-    def __init__(self, c):
+    def __init__(self, cin, cout, act):
         super().__init__()
-        self.k1, self.k3, self.k5 = (nn.Conv2d(c, c, k, padding=k // 2) for k in (1, 3, 5))
-        self.act = nn.PReLU(c)
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.k1, self.k3, self.k5 = (nn.Conv2d(cout, cout, k, padding=k // 2) for k in (1, 3, 5))
+        self.act = act
 
-    def forward(self, x):                                    # B x C x H x W -> same
+    def forward(self, x):                                    # B x cin x H x W -> B x cout x H x W
+        x = self.act(self.conv(x))
         return self.act(x + self.k1(x) + self.k3(x) + self.k5(x))
-
-
-def encoder_stage(cin, cout, large_kernel):
-    if large_kernel:   # RKD: a 3x3 conv to change width, then the LKU-Net block
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.PReLU(cout), LKBlock(cout))
-    return double_conv(cin, cout)
 
 
 class DetectorDecoder(nn.Module):
@@ -245,27 +300,29 @@ class DetectorDecoder(nn.Module):
         y = self.up3(up(x4, x3))
         y = self.up2(up(y, x2))
         y = self.up1(up(y, x1))
-        return torch.sigmoid(self.head(y))                   # B x 1 x H x W
+        return torch.sigmoid(self.head(y).float())           # B x 1 x H x W, fp32 under autocast
 
 
 class DescriptorHead(nn.Module):
-    """SuperRetina's descriptor: 3x3 conv, 4x4 stride-2 conv, 1x1 conv, L2-normalise, 2x
-    transposed conv, L2-normalise. The stride-2/transposed pair widens context while the
-    output stays on the 1/8 grid."""
+    """Descriptor head in SuperRetina's layout: 3x3 conv, 4x4 stride-2 conv, 1x1 conv,
+    L2-normalise, 2x transposed conv. The stride-2/transposed pair widens context. Two changes
+    (README "Deviations"): the 4x4 conv is padded, so the map is exactly 1/8 of the image (96 x 96
+    at 768 px, SuperRetina's unpadded one is 94 x 94), and the map is normalised once more."""
 
-    def __init__(self, cin, dim=256):
+    def __init__(self, cin, dim=256, act=None):
         super().__init__()
+        self.act = act or nn.ReLU()
         self.a = nn.Conv2d(cin, 256, 3, padding=1)
         self.b = nn.Conv2d(256, dim, 4, stride=2, padding=1)
         self.c = nn.Conv2d(dim, dim, 1)
         self.up = nn.ConvTranspose2d(dim, dim, 2, stride=2)
 
     def forward(self, x):                                    # B x cin x H/8 x W/8
-        d = self.c(F.relu(self.b(F.relu(self.a(x)))))       # B x dim x H/16 x W/16
-        d = self.up(F.normalize(d, dim=1))
+        d = self.c(self.act(self.b(self.act(self.a(x)))))    # B x dim x H/16 x W/16
+        d = self.up(F.normalize(d.float(), dim=1).to(d.dtype))
         if d.shape[-2:] != x.shape[-2:]:                     # H/8 odd: stride 2 lost a row
             d = F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return F.normalize(d, dim=1)                         # B x dim x H/8 x W/8
+        return F.normalize(d.float(), dim=1)                 # B x dim x H/8 x W/8, fp32
 
 
 class SuperRetina(nn.Module):
@@ -278,10 +335,16 @@ class SuperRetina(nn.Module):
     def __init__(self, widths=(64, 64, 128, 128), large_kernel=False):
         super().__init__()
         c1, c2, c3, c4 = widths
-        self.stages = nn.ModuleList([encoder_stage(1, c1, False), encoder_stage(c1, c2, large_kernel),
-                                     encoder_stage(c2, c3, large_kernel), encoder_stage(c3, c4, large_kernel)])
-        self.detector = DetectorDecoder(c1, c2, c3, c4)
-        self.descriptor = DescriptorHead(c4)
+        if large_kernel:   # RKD's LKUNET: one PReLU (a single slope) shared by encoder and descriptor
+            act = nn.PReLU()
+            self.stages = nn.ModuleList([double_conv(1, c1, act), LKBlock(c1, c2, act), LKBlock(c2, c3, act),
+                                         LKBlock(c3, c4, act)])
+        else:
+            act = None
+            self.stages = nn.ModuleList([double_conv(1, c1), double_conv(c1, c2), double_conv(c2, c3),
+                                         double_conv(c3, c4)])
+        self.detector = DetectorDecoder(c1, c2, c3, c4)     # decoder: ReLU in both
+        self.descriptor = DescriptorHead(c4, act=act)
 
     def forward(self, x):
         feats = []
@@ -292,7 +355,8 @@ class SuperRetina(nn.Module):
 
 
 class LKSuperRetina(SuperRetina):
-    """RKD's modified teacher: encoder stages 2-4 built from LKU-Net blocks with PReLU."""
+    """RKD's modified teacher (its model/LKUNET): encoder stages 2-4 are LKU-Net blocks, and
+    one shared PReLU replaces ReLU in the encoder and the descriptor head."""
     arch = "lk"
 
     def __init__(self, widths=(64, 64, 128, 128)):
@@ -308,7 +372,8 @@ class SmallCNN(SuperRetina):
 
 
 class TransformerStudent(nn.Module):
-    """RKD's heavier student: a timm Vision Transformer between a CNN stem and the decoders.
+    """Our heavier student (RKD's is a SwinUNETR): a timm Vision Transformer between a CNN stem
+    and the teacher's decoders.
 
     A TransUNet-style hybrid: three conv stages (as the teacher's, full to 1/4 resolution) give
     the detector its high-resolution skips and feed 4x4 patches of their 1/4-scale features to
@@ -341,7 +406,7 @@ class TransformerStudent(nn.Module):
         tokens = self.windowed_vit(x3)                          # B x E x H/16 x W/16
         t8 = F.interpolate(tokens, scale_factor=2, mode="bilinear", align_corners=False)[..., :h8, :w8]
         heat = self.detector(x1, x2, x3, self.neck(t8))
-        desc = F.normalize(self.descriptor(t8), dim=1)           # B x 256 x H/8 x W/8
+        desc = F.normalize(self.descriptor(t8).float(), dim=1)   # B x 256 x H/8 x W/8, fp32
         return heat, desc
 
     def windowed_vit(self, x3):
@@ -429,14 +494,18 @@ def load_model(name, device="cpu"):
     if name == "sift":
         return Sift()
     path = resolve_weights(name)
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt["arch"])
-    try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
-    except RuntimeError:
-        raise UserError(f"{path}: weights do not fit architecture {ckpt['arch']!r}") from None
+    model = build_model(load_checkpoint(path)["arch"])
+    model.trained_size = load_weights(model, path).get("config", {}).get("size")
     model.name = name
-    return model.to(device).eval()
+    return model.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def warn_size(model, size):
+    """A checkpoint trained at one --size and run at another sees vessels at another scale."""
+    trained = getattr(model, "trained_size", None)
+    if trained and trained != size:
+        print(f"warning: {model.name} was trained at --size {trained}, running at {size}: vessels appear at another "
+              "scale than it learned", file=sys.stderr)
 
 
 def default_model_name():
@@ -450,21 +519,59 @@ def default_model_name():
 # 4. Inference pipeline: detect -> describe -> match -> homography (SuperRetina at test time)
 # =============================================================================================
 
-def nms(heat, radius, threshold, border=0, top_k=None):
-    """Local maxima of B x 1 x H x W heatmaps -> list of (N x 2 xy float tensor, N scores).
+def simple_nms(scores, radius, rounds=2):
+    """simple_nms as in SuperRetina's first release (common_util.py, commit b29c61c, also RKD's
+    copy; SuperGlue's): B x 1 x H x W scores -> the same with every non-maximum set to 0.
 
-    A max-pool window of 2r+1 keeps a pixel only where it is the largest within r pixels."""
-    peak = (heat == F.max_pool2d(heat, 2 * radius + 1, stride=1, padding=radius)) & (heat > threshold)
+    A pixel survives where it is the largest within `radius` px (a 2r+1 max-pool). Then, twice,
+    the survivors' neighbourhoods are blanked and maxima of what is left are added where no
+    survivor is near -- a weaker peak hidden by a stronger one's window comes back. One change
+    (README "Deviations"): equal maxima within one window (a plateau, common in reduced
+    precision and in label maps) keep only the first in raster order, where that version keeps
+    them all. SuperRetina's latest version (da96bd5) has a single pass, no rounds, and keeps
+    one maximum per plateau chosen at random."""
+    scores = scores.float()
+    h, w = scores.shape[-2:]
+    first = torch.arange(h * w, 0, -1, device=scores.device, dtype=torch.float32).view(1, 1, h, w)
+
+    def pool(x):   # the (2r+1)^2 window's maximum, as a row pass then a column pass (same result, O(r))
+        x = F.max_pool2d(x, (1, 2 * radius + 1), stride=1, padding=(0, radius))
+        return F.max_pool2d(x, (2 * radius + 1, 1), stride=1, padding=(radius, 0))
+
+    def maxima(x):   # local maxima of x, one per plateau
+        peak = x == pool(x)
+        rank = torch.where(peak, first, 0)
+        return peak & (rank == pool(rank))
+    keep = maxima(scores)
+    for _ in range(rounds):
+        blanked = pool(keep.float()) > 0
+        keep = keep | (maxima(torch.where(blanked, 0, scores)) & ~blanked)
+    return torch.where(keep, scores, 0)
+
+
+def detect_keypoints(heat, radius, threshold, border=0, top_k=None):
+    """Keypoints of B x 1 x H x W heatmaps -> list of (N x 2 xy float tensor in px, N scores).
+
+    simple_nms, then heat > threshold, then a `border` px frame dropped, as SuperRetina's
+    predictor; strongest first, at most top_k."""
+    peak = simple_nms(heat, radius)
+    peak = peak > threshold
     if border:
         peak[..., :border, :] = peak[..., -border:, :] = False
         peak[..., :, :border] = peak[..., :, -border:] = False
     out = []
     for b in range(heat.shape[0]):
         ys, xs = torch.nonzero(peak[b, 0], as_tuple=True)
-        scores = heat[b, 0, ys, xs]
+        scores = heat[b, 0, ys, xs].float()
         order = torch.argsort(scores, descending=True)[:top_k]
         out.append((torch.stack([xs, ys], 1)[order].float(), scores[order]))
     return out
+
+
+def pixels_to_grid(points, h, w):
+    """N x 2 pixel positions (x, y; pixel centres) -> N x 2 grid_sample coordinates for an
+    H x W image with align_corners=False: pixel x covers [x - 0.5, x + 0.5] of the extent."""
+    return torch.stack([(points[:, 0] + 0.5) / w * 2 - 1, (points[:, 1] + 0.5) / h * 2 - 1], -1)
 
 
 def sample_descriptors(desc, points, image_hw):
@@ -477,9 +584,8 @@ def sample_descriptors(desc, points, image_hw):
         if len(p) == 0:
             out.append(desc.new_zeros(0, desc.shape[1]))
             continue
-        # pixel centre x maps to (x + 0.5) / W of the map's extent (align_corners=False)
-        grid = torch.stack([(p[:, 0] + 0.5) / w * 2 - 1, (p[:, 1] + 0.5) / h * 2 - 1], 1)
-        d = F.grid_sample(desc[b:b + 1], grid.view(1, 1, -1, 2), mode="bilinear", align_corners=False)
+        grid = pixels_to_grid(p, h, w)           # the 1/8 map spans the same extent
+        d = F.grid_sample(desc[b:b + 1].float(), grid.view(1, 1, -1, 2), mode="bilinear", align_corners=False)
         out.append(F.normalize(d[0, :, 0].t(), dim=1))
     return out
 
@@ -499,6 +605,13 @@ class Sift:
         return out
 
 
+def autocast(device, precision):
+    """torch.autocast for --precision: bf16 or fp16 compute in convolutions and matrix products,
+    fp32 elsewhere (sigmoid, normalisation and losses are fp32 by construction)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def extract_features(model, images, cfg):
     """List of preprocessed size x size images -> list of (N x 2 keypoints in model px, N x D
@@ -506,9 +619,10 @@ def extract_features(model, images, cfg):
     if isinstance(model, Sift):
         return model.features(images, cfg)
     device = next(model.parameters()).device
-    batch = torch.from_numpy(np.stack(images))[:, None].to(device)
-    heat, desc = model(batch)
-    points = [p for p, _ in nms(heat, cfg.nms_radius, cfg.nms_threshold, cfg.border, cfg.max_keypoints)]
+    batch = torch.from_numpy(np.stack(images))[:, None].to(device).contiguous(memory_format=torch.channels_last)
+    with autocast(device, cfg.precision):
+        heat, desc = model(batch)
+    points = [p for p, _ in detect_keypoints(heat, cfg.nms_radius, cfg.nms_threshold, cfg.border, cfg.max_keypoints)]
     descs = sample_descriptors(desc, points, batch.shape[-2:])
     return [(p.cpu().numpy(), d.cpu().numpy()) for p, d in zip(points, descs)]
 
@@ -533,41 +647,111 @@ def estimate_homography(pq, pr, cfg, px_scale=1.0):
     return H, mask.ravel().astype(bool)
 
 
+# A homography a user can trust (match's exit 0) must pass these: two photographs of one eye
+# differ by a moderate zoom and rotation and a little perspective, never by a mirror or a fold.
+MIN_INLIERS = 10                  # fewer inliers: the fit may be chance (4 points fit anything)
+SCALE_RANGE = (0.5, 2.0)          # local scale of the query in the reference, at its corners
+MAX_ANISOTROPY = 1.5              # ratio of the local Jacobian's singular values (shear, squash)
+
+
+def implausibility(H, inliers, query_shape) -> str:
+    """Why a registration cannot be trusted, or "" when it can. H: 3x3 query px -> reference
+    px; inliers: number of inlier matches; query_shape: (H, W, ...) of the query photograph.
+    The local Jacobian of H is checked at the query's corners and centre."""
+    if H is None:
+        return "no homography (fewer than 4 matches)"
+    if inliers < MIN_INLIERS:
+        return f"only {inliers} inliers (fewer than {MIN_INLIERS})"
+    h, w = query_shape[:2]
+    H = H / H[2, 2]
+    for x, y in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1), ((w - 1) / 2, (h - 1) / 2)):
+        d = H[2, 0] * x + H[2, 1] * y + 1
+        if d <= 0:
+            return "the homography folds the query through infinity (extreme perspective)"
+        u, v = (H[0, 0] * x + H[0, 1] * y + H[0, 2]) / d, (H[1, 0] * x + H[1, 1] * y + H[1, 2]) / d
+        J = np.array([[H[0, 0] - u * H[2, 0], H[0, 1] - u * H[2, 1]], [H[1, 0] - v * H[2, 0], H[1, 1] - v * H[2, 1]]]) / d
+        if np.linalg.det(J) <= 0:
+            return "the homography mirrors the query"
+        s1, s2 = np.linalg.svd(J, compute_uv=False)
+        if not SCALE_RANGE[0] <= math.sqrt(s1 * s2) <= SCALE_RANGE[1]:
+            return f"implausible scale change ({math.sqrt(s1 * s2):.2f}x, allowed {SCALE_RANGE[0]}-{SCALE_RANGE[1]}x)"
+        if s1 / s2 > MAX_ANISOTROPY:
+            return f"implausible shear or squash (axes differ {s1 / s2:.2f}x, allowed {MAX_ANISOTROPY}x)"
+    return ""
+
+
+@dataclass
+class Stage:
+    """One matching stage: its homography and the matches it was fitted to (original px)."""
+    H: np.ndarray | None            # 3x3, query px -> reference px; None: < 4 matches or no fit
+    query_points: np.ndarray        # M x 2 matched points in the query's original frame
+    refer_points: np.ndarray        # M x 2 their partners in the reference's original frame
+    inliers: np.ndarray             # M bools
+
+
 @dataclass
 class Registration:
-    H: np.ndarray | None            # 3x3, query pixels -> reference pixels, original frames
-    query_points: np.ndarray        # matched points in the query's original frame (M x 2)
-    refer_points: np.ndarray        # their partners in the reference's original frame
-    inliers: np.ndarray             # M bools
+    """Both stages of a registration; eval and match each apply their own rule to it."""
+    first: Stage
+    second: Stage | None            # the matching trick's stage, H composed to query -> reference;
+                                    # None when the trick is off or the first stage failed
     keypoints: tuple                # keypoint counts (query, reference)
+    query_shape: tuple = (0, 0)     # the query photograph's (H, W)
+
+    def implausibility(self, stage) -> str:
+        return implausibility(stage.H, int(stage.inliers.sum()), self.query_shape)
+
+    @property
+    def protocol_H(self):
+        """test_on_FIRE.py's rule: with the trick, a pair whose second stage finds no
+        homography is failed, even though the first stage had one."""
+        return self.first.H if self.second is None else self.second.H
+
+    @property
+    def final(self) -> Stage:
+        """match's rule: the second stage where it passes the plausibility bar, else the first
+        (which match then reports as failed unless it passes the bar itself)."""
+        if self.second is not None and self.second.H is not None and not self.implausibility(self.second):
+            return self.second
+        return self.first
 
 
-def register(model, query, refer, cfg) -> Registration:
-    """Register a query photograph (BGR) onto a reference: the one pipeline for eval, match
-    and validation. Optional second stage (SuperRetina's matching trick): warp the query by the
-    first homography, match again against the reference's features (kept, not recomputed), and
-    compose the two homographies."""
+def register(model, query, refer, cfg, cache=None, keys=None) -> Registration:
+    """Register a query photograph (H x W x 3) onto a reference: the one pipeline for eval,
+    match and validation. With cfg.trick, SuperRetina's second stage follows: warp the query by
+    the first homography, match again against the reference's features (kept, not recomputed),
+    and compose the two homographies. With a `cache` dict, each image's preprocessed form and
+    features are kept under its key in `keys` (query key, reference key) and reused."""
     S = cfg.size
-    q, r = preprocess(query, S), preprocess(refer, S)
-    (kq, dq), (kr, dr) = extract_features(model, [q, r], cfg)
+    if cache is None:
+        q, r = preprocess(query, S), preprocess(refer, S)
+        (kq, dq), (kr, dr) = extract_features(model, [q, r], cfg)
+    else:
+        for image, key in zip((query, refer), keys):
+            if key not in cache:
+                pre = preprocess(image, S)
+                cache[key] = (pre, extract_features(model, [pre], cfg)[0])
+        (q, (kq, dq)), (r, (kr, dr)) = cache[keys[0]], cache[keys[1]]
     to_q, to_r = model_to_original(query.shape, S), model_to_original(refer.shape, S)
-    scale = refer.shape[1] / S
+    scale = max(refer.shape[:2]) / S                                     # original px per model px
     kr_orig = apply_homography(to_r, kr)
     ratio = cfg.sift_ratio if isinstance(model, Sift) else cfg.ratio
     m = match_descriptors(dq, dr, ratio)
     pq, pr = apply_homography(to_q, kq[m[:, 0]]), kr_orig[m[:, 1]]
-    H, inliers = estimate_homography(pq, pr, cfg, scale)
-    if cfg.trick and H is not None:
-        H_model = np.linalg.inv(to_r) @ H @ to_q                  # model px -> model px
+    H1, inliers1 = estimate_homography(pq, pr, cfg, scale)
+    first = Stage(H1, pq, pr, inliers1)
+    second = None
+    if cfg.trick and first.H is not None:
+        H_model = np.linalg.inv(to_r) @ first.H @ to_q                  # model px -> model px
         warped = cv2.warpPerspective(q, H_model, (S, S), flags=cv2.INTER_LINEAR)
         (kw, dw), = extract_features(model, [warped], cfg)
         m2 = match_descriptors(dw, dr, ratio)
-        pw = apply_homography(to_r, kw[m2[:, 0]])                 # warped query, in refer's frame
+        pw = apply_homography(to_r, kw[m2[:, 0]])                       # warped query, in refer's frame
         H2, inliers2 = estimate_homography(pw, kr_orig[m2[:, 1]], cfg, scale)
-        if H2 is not None:   # second-stage matches, drawn at their places in the query
-            pq, pr, inliers = apply_homography(np.linalg.inv(H), pw), kr_orig[m2[:, 1]], inliers2
-            H = H2 @ H
-    return Registration(H, pq, pr, inliers, (len(kq), len(kr)))
+        # second-stage matches are drawn at their places in the query
+        second = Stage(None if H2 is None else H2 @ first.H, apply_homography(np.linalg.inv(first.H), pw),
+                       kr_orig[m2[:, 1]], inliers2)
+    return Registration(first, second, (len(kq), len(kr)), query.shape[:2])
 
 
 # =============================================================================================
@@ -585,7 +769,7 @@ class FirePair:
 
 def read_text(path) -> str:
     try:
-        return Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8-sig")     # a byte-order mark is not data
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
@@ -678,19 +862,34 @@ def summarise(rows) -> dict:
 
 
 def evaluate(model, pairs, cfg, quiet=False, on_pair=None) -> list:
-    rows = []
-    for pair in progress(pairs, f"eval {getattr(model, 'name', model.arch)}", quiet):
+    """Register every FIRE pair -> per-pair rows (errors in original px, status by the
+    protocol, both stages' inlier counts, match's plausibility verdict, the homography).
+    Without a terminal, a progress line goes to stderr every 5 pairs or 30 s."""
+    rows, started, said = [], time.perf_counter(), time.perf_counter()
+    name = getattr(model, "name", model.arch)
+    plain = not quiet and not sys.stderr.isatty()
+    for k, pair in enumerate(progress(pairs, f"eval {name}", quiet), 1):
         query, refer = read_image(pair.query), read_image(pair.refer)
         start = time.perf_counter()
         reg = register(model, query, refer, cfg)
         seconds = time.perf_counter() - start
-        errors = pair_errors(reg.H, pair.points)
+        H = reg.protocol_H
+        errors = pair_errors(H, pair.points)
+        second = reg.second
         rows.append({"name": pair.name, "category": pair.category, "mean_error": float(errors.mean()),
                      "max_error": float(errors.max()), "median_error": float(np.median(errors)),
-                     "inliers": int(reg.inliers.sum()), "status": pair_status(errors), "seconds": seconds,
-                     "homography": None if reg.H is None else (reg.H / reg.H[2, 2]).tolist()})
+                     "inliers": int(reg.final.inliers.sum()), "status": pair_status(errors), "seconds": seconds,
+                     "first_stage_inliers": int(reg.first.inliers.sum()),
+                     "second_stage_inliers": None if second is None else int(second.inliers.sum()),
+                     "implausible": implausibility(H, int((second or reg.first).inliers.sum()), query.shape),
+                     "homography": None if H is None else (H / H[2, 2]).tolist()})
         if on_pair:
             on_pair(pair, query, refer, reg)
+        now = time.perf_counter()
+        if plain and k < len(pairs) and (k % 5 == 0 or now - said > 30):
+            said, spent = now, now - started
+            print(f"eval {name}: {k}/{len(pairs)} pairs, {spent / 60:.1f} min, about "
+                  f"{spent / k * (len(pairs) - k) / 60:.1f} min left", file=sys.stderr, flush=True)
     return rows
 
 
@@ -702,6 +901,60 @@ def validation_mauc(model, fire_dir, cfg):
     result = summarise(evaluate(model, pairs, cfg, quiet=True))["mAUC"]
     model.train(was_training)
     return result
+
+
+# ---- validation that is not FIRE: self-warps of held-out photographs ---------------------------
+
+SELF_WARP_SEED = 7
+
+
+def random_homography(rng, w, h, degrees=10.0, zoom=0.1, shift=0.08, perspective=0.1) -> np.ndarray:
+    """A random view change about the image centre, of FIRE category S's size: rotation up to
+    `degrees`, zoom 1 +/- `zoom`, shift up to `shift` of the side, and corner perspective up to
+    `perspective` (a fraction of the side). -> 3 x 3, query px -> reference px."""
+    centre = np.array([[1, 0, -(w - 1) / 2], [0, 1, -(h - 1) / 2], [0, 0, 1.0]])
+    a, s = math.radians(rng.uniform(-degrees, degrees)), rng.uniform(1 - zoom, 1 + zoom)
+    t = rng.uniform(-shift, shift, 2) * [w, h]
+    p = rng.uniform(-perspective, perspective, 2) / (max(w, h) / 2)
+    M = np.array([[s * math.cos(a), -s * math.sin(a), t[0]], [s * math.sin(a), s * math.cos(a), t[1]], [p[0], p[1], 1]])
+    return np.linalg.inv(centre) @ M @ centre
+
+
+def self_warp_check(model, paths, cfg, warps=8, seed=SELF_WARP_SEED, quiet=False) -> list:
+    """Register each photograph to a copy of itself under `warps` known random homographies.
+
+    Per pair: `nn_accuracy`, the share of the query's keypoints that land inside the reference
+    whose nearest reference descriptor sits within 4 model px of their true place; `mean_error`,
+    the registration error over a 5 x 5 grid on the central 80 % of the query, in px of a
+    2912 px frame (FIRE's scale, so that the 1..25 px AUC means the same); and `status` as on
+    FIRE. Uses `register` and `extract_features`, the pipeline eval and match use."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for path in progress(paths, f"self-warp {getattr(model, 'name', model.arch)}", quiet):
+        refer = read_image(path)
+        h, w = refer.shape[:2]
+        gx, gy = np.meshgrid(np.linspace(0.1, 0.9, 5) * (w - 1), np.linspace(0.1, 0.9, 5) * (h - 1))
+        grid = np.c_[gx.ravel(), gy.ravel()]
+        for k in range(warps):
+            H = random_homography(rng, w, h)
+            query = cv2.warpPerspective(refer, np.linalg.inv(H), (w, h), flags=cv2.INTER_LINEAR)
+            S = cfg.size
+            (kq, dq), (kr, dr) = extract_features(model, [preprocess(query, S), preprocess(refer, S)], cfg)
+            to_model = np.linalg.inv(model_to_original(refer.shape, S))
+            truth = apply_homography(to_model @ H @ np.linalg.inv(to_model), kq)
+            seen = ((truth >= 0) & (truth <= S - 1)).all(1)
+            accuracy = float("nan")
+            if seen.any() and len(kr):
+                d = (dq[seen] ** 2).sum(1)[:, None] + (dr ** 2).sum(1)[None] - 2 * dq[seen] @ dr.T
+                nearest = kr[d.argmin(1)]
+                accuracy = float((np.linalg.norm(nearest - truth[seen], axis=1) <= 4).mean())
+            reg = register(model, query, refer, cfg)
+            Hp = reg.protocol_H
+            errors = (np.full(len(grid), np.inf) if Hp is None else
+                      np.linalg.norm(apply_homography(Hp, grid) - apply_homography(H, grid), axis=1)) * 2912 / max(w, h)
+            rows.append({"name": f"{Path(path).stem}#{k}", "nn_accuracy": accuracy, "mean_error": float(errors.mean()),
+                         "status": pair_status(errors), "inliers": int(reg.final.inliers.sum())})
+    return rows
 
 
 # =============================================================================================
@@ -899,8 +1152,9 @@ def image_files(folder):
 def field_of_view(bgr, fov_path=None) -> np.ndarray:
     """Field-of-view mask: the dataset's own when given, else the bright disc of the photograph."""
     if fov_path is not None and Path(fov_path).exists():
-        return cv2.cvtColor(read_image(fov_path), cv2.COLOR_BGR2GRAY) > 127
-    mask = (bgr[:, :, 2] > 25).astype(np.uint8)
+        mask = cv2.cvtColor(read_image(fov_path), cv2.COLOR_BGR2GRAY)
+        return mask > mask.max() / 2
+    mask = (to_uint8(bgr)[:, :, 2] > 25).astype(np.uint8)
     return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)) > 0
 
 
@@ -973,37 +1227,76 @@ def lab_samples(root, split="train"):
     return samples
 
 
-def vessel_map_samples(root, merge_radius_model_px=CFG.nms_radius, size=CFG.size):
-    """An image folder with manual vessel maps (images/, vessels/, optional fov/), labelled by
-    vessel_junctions. The merge radius is the NMS radius, measured at the model's scale."""
+def find_file(folder, stem):
+    """The image file in `folder` named `stem` with any image suffix, or None."""
+    return next((p for p in image_files(folder) if p.stem == stem), None) if Path(folder).is_dir() else None
+
+
+def vessel_map_triples(root) -> list:
+    """(image, vessel map, field-of-view mask or None) paths of a folder laid out as
+      this project's: images/ + vessels/ (+ fov/), same file stems;
+      DRIVE as its archive unpacks: training/ and test/, each images/NN_training.tif (or
+        NN_test.tif), 1st_manual/NN_manual1.gif, mask/NN_training_mask.gif -- the folder itself,
+        or its training/ or test/ part;
+      HRF's: images/NN_x.JPG, manual1/NN_x.tif, mask/NN_x_mask.tif;
+      CHASE_DB1's: one flat folder of Image_NNX.jpg beside Image_NNX_1stHO.png.
+    Raises UserError when the folder matches none of them."""
     root = Path(root)
-    if not (root / "vessels").is_dir():
-        raise UserError(f"{root}: expected images/ and vessels/ folders (optional fov/)")
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    triples = []
+    if (root / "vessels").is_dir():                                          # this project's layout
+        for image in image_files(root / "images"):
+            vessels = find_file(root / "vessels", image.stem)
+            if vessels:
+                triples.append((image, vessels, find_file(root / "fov", image.stem)))
+    for part in (root, root / "training", root / "test"):                   # DRIVE
+        if (part / "1st_manual").is_dir():
+            for image in image_files(part / "images"):
+                number = image.stem.split("_")[0]
+                vessels = find_file(part / "1st_manual", f"{number}_manual1")
+                if vessels:
+                    triples.append((image, vessels, find_file(part / "mask", f"{image.stem}_mask")))
+    if (root / "manual1").is_dir():                                          # HRF
+        for image in image_files(root / "images"):
+            vessels = find_file(root / "manual1", image.stem)
+            if vessels:
+                triples.append((image, vessels, find_file(root / "mask", f"{image.stem}_mask")))
+    for image in image_files(root):                                          # CHASE_DB1
+        if not image.stem.endswith(("_1stHO", "_2ndHO")):
+            vessels = find_file(root, f"{image.stem}_1stHO")
+            if vessels:
+                triples.append((image, vessels, None))
+    if not triples:
+        raise UserError(f"{root}: no vessel maps found; expected images/ + vessels/ (same names), DRIVE's "
+                        "training/ or test/ (images/, 1st_manual/, mask/), HRF's images/ + manual1/ + mask/, or "
+                        "CHASE_DB1's Image_NNX.jpg beside Image_NNX_1stHO.png")
+    return triples
+
+
+def vessel_map_samples(root, cfg):
+    """Labelled samples of a folder of photographs with manual vessel maps (vessel_map_triples
+    names the layouts), labelled by vessel_junctions. The merge radius is cfg.nms_radius model
+    px at model size cfg.size."""
     samples = []
-    vessel_maps = {p.stem: p for p in image_files(root / "vessels")}
-    for image in image_files(root / "images"):
-        if image.stem not in vessel_maps:
-            continue
+    for image, vessel_path, fov_path in vessel_map_triples(root):
         bgr = read_image(image)
-        fov_path = next(iter((root / "fov").glob(image.stem + ".*")), None) if (root / "fov").is_dir() else None
-        vessels = cv2.cvtColor(read_image(vessel_maps[image.stem]), cv2.COLOR_BGR2GRAY)
+        vessels = to_uint8(cv2.cvtColor(read_image(vessel_path), cv2.COLOR_BGR2GRAY))
         fov = field_of_view(bgr, fov_path)
         if vessels.shape != bgr.shape[:2] or fov.shape != bgr.shape[:2]:
-            raise UserError(f"{vessel_maps[image.stem]}: vessel map or FOV mask is not the size of {image.name}")
-        radius = merge_radius_model_px * max(bgr.shape[:2]) / size
+            raise UserError(f"{vessel_path}: vessel map or FOV mask is not the size of {image.name}")
+        radius = cfg.nms_radius * max(bgr.shape[:2]) / cfg.size
         points = vessel_junctions(vessels, fov, radius, fov_margin=int(radius))
         samples.append(Sample("vessels", image, (points + 0.5) / [bgr.shape[1], bgr.shape[0]]))
-    if not samples:
-        raise UserError(f"{root}: no image in images/ has a vessel map of the same name in vessels/")
     return samples
 
 
-def collect_samples(args):
+def collect_samples(args, cfg):
     samples = []
     for root in args.lab or []:
         samples += lab_samples(root)
     for root in args.vessels or []:
-        samples += vessel_map_samples(root)
+        samples += vessel_map_samples(root, cfg)
     for folder in args.unlabelled or []:
         samples += [Sample("unlabelled", p) for p in image_files(folder)]
     samples += [Sample("synthetic", synthetic_seed=args.seed * 100003 + i) for i in range(args.synthetic)]
@@ -1017,15 +1310,26 @@ class TrainingSet:
     labels in model pixels; batches are random crops of them."""
 
     def __init__(self, samples, size, quiet=False):
-        self.size, self.images, self.labels = size, [], []
+        self.size, self.images, self.labels, self.blur_scale = size, [], [], []
+        digest = hashlib.sha256()
         for s in progress(samples, "loading training images", quiet):
             if s.synthetic_seed is not None:
                 bgr, pts = synthetic_training_image(s.synthetic_seed, size)
                 pts = (pts + 0.5) / size          # normalised like the Lab layout: pixel centre + 0.5
+                digest.update(f"synthetic {s.synthetic_seed}\n".encode())
             else:
                 bgr, pts = read_image(s.path), s.points
+                # file name and size, never the absolute path: a run can move to another machine
+                digest.update(f"{s.source} {Path(s.path).name} {Path(s.path).stat().st_size} "
+                              f"{0 if pts is None else len(pts)}\n".encode())
             self.images.append((preprocess(bgr, size) * 255).astype(np.uint8))
-            self.labels.append(None if pts is None else torch.tensor(pts * size - 0.5, dtype=torch.float32))  # -> pixel indices
+            self.blur_scale.append(size / max(bgr.shape[:2]))    # model px per original px
+            # normalised label -> model px of the padded square: x * w * size / side - 0.5
+            h, w = bgr.shape[:2]
+            scale = np.array([w, h]) * size / max(h, w)
+            self.labels.append(None if pts is None else torch.tensor(pts * scale - 0.5, dtype=torch.float32))
+
+        self.fingerprint = digest.hexdigest()[:16]    # what a resumed run must find again
 
     def __len__(self):
         return len(self.images)
@@ -1047,283 +1351,367 @@ class TrainingSet:
 
 
 # =============================================================================================
-# 8. Losses and PKE (SuperRetina's semi-supervised training)
+# 8. Losses and PKE (SuperRetina's semi-supervised training; RKD's knowledge terms)
 # =============================================================================================
 
-def random_affine(n, size, affine, gen) -> torch.Tensor:
-    """n random 3x3 pixel-space affine maps about the image centre: rotation +/- deg, translation
-    +/- trans * size, isotropic scale in [lo, hi]."""
-    deg, trans, lo, hi = affine
-    u = lambda: torch.rand(n, generator=gen)
-    angle = (u() * 2 - 1) * math.radians(deg)
-    scale = lo + u() * (hi - lo)
-    t = (torch.rand(n, 2, generator=gen) * 2 - 1) * trans * size
-    c = (size - 1) / 2
-    A = torch.zeros(n, 3, 3)
-    A[:, 0, 0], A[:, 0, 1] = scale * torch.cos(angle), -scale * torch.sin(angle)
-    A[:, 1, 0], A[:, 1, 1] = scale * torch.sin(angle), scale * torch.cos(angle)
-    A[:, :2, 2] = c + t - (A[:, :2, :2] @ torch.tensor([c, c]))
-    A[:, 2, 2] = 1
-    return A
+def random_affine(n, size, spec, gen) -> torch.Tensor:
+    """n random warps as SuperRetina's affine_images draws them -> n x 3 x 3 pixel-space maps
+    (image px -> warped px) for a size x size image.
+
+    spec = (degrees, translation, scale low, scale high). As there: angle a ~ U(-deg, deg),
+    shifts t ~ round(U(-translation * size, +translation * size)) px, scale s ~ U(low, high), and
+    theta = [[cos a / s, -sin a, -tx / size], [sin a, cos a / s, -ty / size]] maps warped to
+    original coordinates in grid_sample's normalised frame (align_corners=True). The scale
+    divides only the diagonal, so a rotated copy is slightly sheared too, as there."""
+    deg, trans, lo, hi = spec
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(deg)
+    t = torch.round((torch.rand(n, 2, generator=gen) * 2 - 1) * trans * size) / size
+    s = lo + torch.rand(n, generator=gen) * (hi - lo)
+    theta = torch.zeros(n, 3, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = torch.cos(angle) / s, -torch.sin(angle), -t[:, 0]
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = torch.sin(angle), torch.cos(angle) / s, -t[:, 1]
+    theta[:, 2, 2] = 1
+    k = 2 / (size - 1)                                   # pixel index -> normalised (align_corners=True)
+    to_normalised = torch.tensor([[k, 0, -1], [0, k, -1], [0, 0, 1.0]])
+    warped_to_image = torch.linalg.inv(to_normalised) @ theta @ to_normalised
+    return torch.linalg.inv(warped_to_image)
 
 
 def warp(images, A):
-    """Warp B x C x H x W by pixel-space maps A (source -> target) with F.grid_sample."""
+    """Warp B x C x H x W by pixel-space maps A (B x 3 x 3, source px -> target px) with
+    F.grid_sample; pixels from outside the source are 0."""
     b, _, h, w = images.shape
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=images.device),
                             torch.arange(w, dtype=torch.float32, device=images.device), indexing="ij")
     target = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, -1, 3)
-    source = target @ torch.linalg.inv(A.to(images.device)).transpose(1, 2)
-    source = source[..., :2] / source[..., 2:]
-    grid = torch.stack([(source[..., 0] + 0.5) / w * 2 - 1, (source[..., 1] + 0.5) / h * 2 - 1], -1)
-    return F.grid_sample(images, grid.view(b, h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
+    source = target @ torch.linalg.inv(A.to(images.device)).transpose(1, 2)          # B x HW x 3
+    grid = pixels_to_grid((source[..., :2] / source[..., 2:]).reshape(-1, 2), h, w)
+    return F.grid_sample(images, grid.view(b, h, w, 2), mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
 
 
 def transform_points(A, points):
     """Apply a 3x3 map to N x 2 points (torch)."""
-    p = torch.cat([points, torch.ones_like(points[:, :1])], 1) @ A.to(points.device).T
+    p = torch.cat([points, torch.ones_like(points[:, :1])], 1) @ A.to(points).T
     return p[:, :2] / p[:, 2:]
 
 
-def inside(points, size, margin=0):
-    return ((points >= margin) & (points <= size - 1 - margin)).all(1)
+def strictly_inside(points, h, w):
+    """SuperRetina keeps a warped point when its normalised position is strictly inside (-1, 1)."""
+    return (points[:, 0] > 0) & (points[:, 0] < w - 1) & (points[:, 1] > 0) & (points[:, 1] < h - 1)
 
 
-def gaussian_kernel(size, sigma):
-    """size x size Gaussian as a 1 x 1 x size x size conv weight, peak 1."""
-    k = cv2.getGaussianKernel(size, sigma)
-    return torch.from_numpy((k @ k.T) / (k @ k.T).max()).float()[None, None]
+def uniform(gen, lo, hi, n=1):
+    return lo + torch.rand(n, generator=gen) * (hi - lo)
 
 
-def gaussian_targets(points, shape, cfg, weights=None):
-    """Point labels -> heat targets: a 13 x 13, sigma 2 Gaussian normalised to peak 1, clipped."""
+def color_jitter(x, cfg, gen):
+    """The descriptor copy's photometric change, as affine_images(used_for='descriptor'): with
+    probability jitter_probability, one draw for the whole batch, torchvision's ColorJitter
+    brightness and contrast in random order (its saturation and hue leave grey unchanged)."""
+    if torch.rand(1, generator=gen).item() >= cfg.jitter_probability:
+        return x
+    fb = uniform(gen, 1 - cfg.jitter_brightness, 1 + cfg.jitter_brightness).item()
+    fc = uniform(gen, 1 - cfg.jitter_contrast, 1 + cfg.jitter_contrast).item()
+
+    def brightness(v):
+        return (v * fb).clamp(0, 1)
+
+    def contrast(v):                                     # blend with the image's mean grey
+        mean = v.mean((1, 2, 3), keepdim=True)
+        return ((v - mean) * fc + mean).clamp(0, 1)
+    for op in (brightness, contrast) if torch.rand(1, generator=gen).item() < 0.5 else (contrast, brightness):
+        x = op(x)
+    return x
+
+
+def gaussian_blur(x, sigma):
+    """1 x C x H x W blurred by a Gaussian of `sigma` px as imgaug's GaussianBlur sizes it (kernel
+    side max(3.3 sigma, 5) below sigma 3, 2.9 sigma below 5, else 2.6 sigma; mirrored border)."""
+    if sigma <= 1e-3:
+        return x
+    side = max(3.3 * sigma, 5) if sigma < 3 else 2.9 * sigma if sigma < 5 else 2.6 * sigma
+    radius = min(int(side) // 2, min(x.shape[-2:]) - 1)
+    if radius < 1:
+        return x
+    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device) ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).to(x.dtype)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def rkd_augment(x, blur_scale, gen):
+    """RKD's training augmentation (its dataset/retina_dataset.py, imgaug, in random order, on
+    the float image): brightness x U(1.0, 1.2); with p 0.2 a Gaussian blur of sigma U(0, 6) px of
+    the original photograph; with p 0.2 contrast x U(0.75, 1.2) (imgaug's LinearContrast on a
+    float image centres at 0, so it is a plain gain). Each image draws its own values, and, as
+    there, nothing is clipped: values may pass 1. blur_scale: B model px per original px.
+    SuperRetina's code has the same lines commented out. x: B x 1 x H x W -> same."""
+    b = len(x)
+
+    def chosen(p):
+        return (torch.rand(b, generator=gen) < p).tolist()
+
+    def multiply(v):
+        return v * uniform(gen, 1.0, 1.2, b).view(b, 1, 1, 1).to(v)
+
+    def blur(v):
+        sigmas = uniform(gen, 0, 6, b) * torch.as_tensor(blur_scale, dtype=torch.float32)
+        return torch.cat([gaussian_blur(v[i:i + 1], sigmas[i].item()) if on else v[i:i + 1]
+                          for i, on in enumerate(chosen(0.2))])
+
+    def contrast(v):
+        on = torch.tensor(chosen(0.2)).view(b, 1, 1, 1).to(v.device)
+        return torch.where(on, v * uniform(gen, 0.75, 1.2, b).view(b, 1, 1, 1).to(v), v)
+    for k in torch.randperm(3, generator=gen).tolist():
+        x = (multiply, blur, contrast)[k](x)
+    return x
+
+
+def gaussian_label_kernel(size, nsig):
+    """SuperRetina's get_gaussian_kernel(size, nsig) as a 1 x 1 x size x size conv weight.
+
+    The 1-D kernel is the standard normal's mass in `size` equal bins spanning +/- (nsig + half
+    a bin); the 2-D kernel is the square root of its outer product, min-max scaled to peak 1 and
+    corners 0. For (13, 2) a bin is 0.337 standard deviations (1-D spread 2.97 px) and the square
+    root widens the 2-D blob to about 4.2 px -- not the sigma of 2 the argument's name suggests."""
+    interval = (2 * nsig + 1) / size
+    edges = np.linspace(-nsig - interval / 2, nsig + interval / 2, size + 1)
+    mass = np.diff([0.5 * (1 + math.erf(e / math.sqrt(2))) for e in edges])
+    k = np.sqrt(np.outer(mass, mass))
+    k = k / k.sum()
+    k = (k - k.min()) / (k.max() - k.min())
+    return torch.from_numpy(k).float()[None, None]
+
+
+def gaussian_targets(points, shape, cfg, device="cpu"):
+    """Point labels -> detector targets as SuperRetina builds them: 1 at each point (rounded to
+    its pixel), convolved with gaussian_label_kernel, overlapping blobs clipped at 1.
+    points: list of B (K_b x 2 px, or None); shape (B, 1, H, W) -> B x 1 x H x W."""
     b, _, h, w = shape
-    impulses = torch.zeros(shape)
+    impulses = torch.zeros(shape, device=device)
     for i, p in enumerate(points):
-        if p is None or len(p) == 0:
-            continue
-        xy = p.round().long().clamp(0, w - 1)
-        value = torch.ones(len(p)) if weights is None or weights[i] is None else weights[i]
-        impulses[i, 0].index_put_((xy[:, 1], xy[:, 0]), value, accumulate=False)
-    return F.conv2d(impulses, gaussian_kernel(cfg.blur_size, cfg.blur_sigma), padding=cfg.blur_size // 2).clamp(max=1.0)
+        if p is not None and len(p):
+            xy = p.round().long()
+            xy = xy[(xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)].to(device)
+            impulses[i, 0, xy[:, 1], xy[:, 0]] = 1.0
+    kernel = gaussian_label_kernel(cfg.blur_size, cfg.blur_nsig).to(device)
+    return F.conv2d(impulses, kernel, padding=cfg.blur_size // 2).clamp(max=1.0)
 
 
-def dice_loss(pred, target, mask=None, eps=1e-3):
+def dice_loss(pred, target, eps=1e-3):
     """1 - Dice with squared denominators (Milletari et al.), one ratio over the whole batch as
-    SuperRetina computes it. Per-image ratios are unstable on small crops: where a crop's maps
-    are faint the ratio's gradient grows as 1 / (its energy), and such spikes collapsed the
-    detector to an all-zero heatmap within a few epochs."""
-    if mask is not None:
-        pred, target = pred * mask, target * mask
+    SuperRetina's DiceLoss flattens it."""
     inter = (pred * target).sum()
     return 1 - (2 * inter + eps) / ((pred ** 2).sum() + (target ** 2).sum() + eps)
 
 
-def triplet_loss(anchor, positive, positions, cfg, gen, images=None):
-    """Triplet loss on cosine distance with the hardest and a random negative, plus GOR.
+def triplet_loss(anchor, positive, groups, cfg, gen):
+    """SuperRetina's descriptor loss (triplet_margin_loss_gor) over N places.
 
-    anchor, positive: N x D unit descriptors of the same N places (two views, or teacher and
-    student); positions: N x 2, so that spatial neighbours of an anchor are never its negatives;
-    images: optional N crop indices, places in different crops are never neighbours.
-    GOR (Zhang et al. 2017) spreads non-matching descriptors over the sphere."""
-    n, dim = anchor.shape
-    if n < 3:
+    anchor, positive: N x D unit descriptors of the same N places (an image and its warped copy;
+    or teacher and student); groups: N image indices -- an anchor's negatives are positives of
+    other places of its own image: the hardest (nearest) and one drawn at random (itself when the
+    image has one place). With d = 1 - cosine:
+        mean(relu(margin + d(a, p) - (d(a, n_hard) + d(a, n_random)) / 2))
+        + mean((a . n_hard)^2) + mean((a . n_random)^2)        (GOR, Zhang et al. 2017)."""
+    n = len(anchor)
+    if n == 0:
         return anchor.sum() * 0
-    dist = 1 - anchor @ positive.T                                   # N x N cosine distances
-    d_pos = dist.diagonal()
-    near = torch.cdist(positions, positions) < cfg.negative_px        # includes the diagonal
-    if images is not None:                                            # places in other crops are never near
-        near &= images[:, None] == images[None, :]
-    d_hard = dist.masked_fill(near, float("inf")).min(1).values
     rows = torch.arange(n, device=anchor.device)
-    rand = (rows + torch.randint(1, n, (n,), generator=gen).to(anchor.device)) % n
-    rand = torch.where(near[rows, rand], dist.masked_fill(near, float("inf")).argmin(1), rand)
-    d_rand = dist[rows, rand]
-    valid = torch.isfinite(d_hard)
-    if not valid.any():                                               # all points crowded together
-        return anchor.sum() * 0
-    loss = (F.relu(cfg.margin + d_pos - d_hard)[valid].mean() + F.relu(cfg.margin + d_pos - d_rand)[valid].mean())
-    sim = 1 - d_rand[valid]
-    gor = sim.mean() ** 2 + F.relu((sim ** 2).mean() - 1.0 / dim)
-    return loss + cfg.gor_weight * gor
+    with torch.no_grad():
+        dist = torch.cdist(anchor, positive, compute_mode="donot_use_mm_for_euclid_dist")
+        other = (groups[:, None] != groups[None, :]) | torch.eye(n, dtype=torch.bool, device=anchor.device)
+        dist = dist.masked_fill(other, float("inf"))
+        hard = torch.where(torch.isinf(dist.min(1).values), rows, dist.argmin(1))
+        # random: another place of the same image, uniformly (groups are contiguous runs)
+        _, counts = torch.unique_consecutive(groups, return_counts=True)
+        size = torch.repeat_interleave(counts, counts)
+        start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        step = (torch.rand(n, generator=gen).to(anchor.device) * (size - 1)).long()
+        rand = start + (rows - start + 1 + step) % size
+    cos_p = (anchor * positive).sum(1)
+    cos_h, cos_r = (anchor * positive[hard]).sum(1), (anchor * positive[rand]).sum(1)
+    hinge = F.relu(cfg.margin + (1 - cos_p) - ((1 - cos_h) + (1 - cos_r)) / 2).mean()
+    return hinge + (cos_h ** 2).mean() + (cos_r ** 2).mean()
 
 
-def progressive_keypoint_expansion(heat, heat_w, desc, desc_w, A, cfg):
-    """PKE's two filters on one image: which predicted keypoints are trustworthy?
-
-    heat, heat_w: 1 x H x W heatmaps of an image and of its affine copy (map A); desc, desc_w
-    their 1/8-scale descriptors. A candidate (an NMS peak of `heat`) is kept when
-      geometric: the copy's heatmap reaches pke_threshold at the warped position, and
-      content: among the copy's peaks, the nearest descriptor to the candidate's sits at the
-               warped position (within pke_match_px) and passes the pke_ratio test.
-    Returns K x 2 kept points (pixels of `heat`)."""
-    size = heat.shape[-1]
-    (cand, _), = nms(heat[None], cfg.nms_radius, cfg.pke_threshold, cfg.border)
-    if len(cand) == 0:
-        return cand
-    moved = transform_points(A, cand)
-    ok = inside(moved, size, 1)
-    cand, moved = cand[ok], moved[ok]
-    grid = torch.stack([(moved[:, 0] + 0.5) / size * 2 - 1, (moved[:, 1] + 0.5) / heat_w.shape[-2] * 2 - 1], 1)
-    value = F.grid_sample(heat_w[None], grid.view(1, 1, -1, 2), align_corners=False).view(-1)
-    cand, moved = cand[value >= cfg.pke_threshold], moved[value >= cfg.pke_threshold]
-    (peaks, _), = nms(heat_w[None], cfg.nms_radius, cfg.pke_threshold, cfg.border)
-    if len(cand) == 0 or len(peaks) == 0:
-        return cand[:0]
-    d, dw = sample_descriptors(desc[None], [cand], heat.shape[-2:])[0], sample_descriptors(desc_w[None], [peaks], heat.shape[-2:])[0]
-    dist = torch.cdist(d, dw)
-    two = dist.topk(min(2, len(peaks)), largest=False)
-    nearest = two.indices[:, 0]
-    ratio_ok = two.values[:, 0] < cfg.pke_ratio * two.values[:, 1] if len(peaks) > 1 else torch.ones(len(cand), dtype=torch.bool, device=cand.device)
-    placed = (peaks[nearest] - moved).norm(dim=1) <= cfg.pke_match_px
-    return cand[ratio_ok & placed]
+def update_value_map(value_map, points, cfg):
+    """SuperRetina's record_module.update_value_map on one image's value map (H x W uint8 numpy,
+    changed in place) for points (K x 2 int px) that passed PKE's filters this time:
+      a point where a value is recorded, or with nothing recorded in its neighbourhood (a square
+      of value_area / 2 px), gains value_increase_point; otherwise the recorded values of its
+      neighbourhood gain value_increase_area (the point drifted by a pixel or two);
+      every recorded value that gained nothing loses value_decay.
+    Values saturate at 255 (SuperRetina's uint8 would wrap around)."""
+    v = value_map.astype(np.int32)
+    h, w = v.shape
+    half = cfg.value_area // 4
+    for x, y in points:
+        window = v[max(y - half, 0):min(y + half, h), max(x - half, 0):min(x + half, w)]
+        if v[y, x] != 0 or window.sum() == 0:
+            v[y, x] += cfg.value_increase_point
+        else:
+            window[window > 0] += cfg.value_increase_area
+    unchanged = (v == value_map) & (value_map != 0)
+    v[unchanged] -= cfg.value_decay
+    value_map[...] = np.clip(v, 0, 255)
 
 
-def update_value_map(value, found, offset, crop, cfg):
-    """Value map of one image (full training size): points found again gain 1 (within a pixel,
-    for jitter), all others in the crop decay. Learned points are its NMS peaks >= threshold."""
-    x0, y0 = offset
-    window = value[y0:y0 + crop, x0:x0 + crop]
-    hit = torch.zeros_like(window)
-    if len(found):
-        xy = found.round().long().cpu()
-        hit[xy[:, 1], xy[:, 0]] = 1
-    # the found pixel gains 1, its 8 neighbours 0.5: a point that moves by a pixel still
-    # accumulates, and its peak stays unique for the NMS that reads the map
-    bump = torch.tensor([[0.5, 0.5, 0.5], [0.5, 1.0, 0.5], [0.5, 0.5, 0.5]])[None, None]
-    gain = F.conv2d(hit[None, None], bump, padding=1)[0, 0].clamp(max=1)
-    window.copy_(torch.where(gain > 0, window + gain, window * cfg.value_decay))
-    window[window < 0.05] = 0
+def learned_points(value_map, cfg):
+    """Points PKE has learned: peaks of the value map (NMS radius 2 x value_area) that hold at
+    least value_increase_point -> K x 2 px."""
+    v = torch.from_numpy(value_map).float()[None, None]
+    (points, _), = detect_keypoints(v, 2 * cfg.value_area, cfg.value_increase_point - 0.5)
+    return points
 
 
-def learned_points(value, labels, cfg):
-    """PKE-learned points of one value map (crop) not already among the initial labels."""
-    (pts, _), = nms(value[None, None], cfg.nms_radius, cfg.value_threshold - 1e-6)
-    if len(pts) and labels is not None and len(labels):
-        pts = pts[torch.cdist(pts, labels).min(1).values > cfg.nms_radius]
-    return pts
+def merge_labels(learned, labels, hw, cfg):
+    """Labels plus learned points, merged as SuperRetina's pke_module does: learned points drawn
+    at learned_label, labels at 1, then NMS -- a learned point near a label gives way to it; if
+    the merge lost a label pixel (two labels within the NMS radius), the labels alone. Its NMS
+    also drops an 8 px border, which on a crop would lose many labels and so nearly always
+    fall back; here no border is dropped (README "Deviations")."""
+    h, w = hw
+    canvas = torch.zeros(1, 1, h, w)
+    for pts, value in ((learned, cfg.learned_label), (labels, 1.0)):
+        xy = pts.round().long().clamp(min=0)
+        xy = xy[(xy[:, 0] < w) & (xy[:, 1] < h)]
+        canvas[0, 0, xy[:, 1], xy[:, 0]] = value
+    (merged, _), = detect_keypoints(canvas, cfg.train_nms_radius, cfg.train_nms_threshold)
+    return merged if len(merged) >= int((canvas == 1.0).sum()) else labels
 
 
-def descriptor_points(heat, labels, crop, n, gen):
-    """Places to train descriptors at: the labels, then the strongest predicted peaks not on a
-    label, then random places, up to n. SuperRetina uses keypoints only, on whole 768 px images
-    with hundreds of them; a 128 px crop holds a dozen, and on our CPU budget training on those
-    alone learned markedly slower (nearest-neighbour accuracy on a 3-degree self-warp of FIRE
-    images, two epochs on from one checkpoint: 22-42 of ~420 keypoints, 67-120 with the fill)."""
-    (peaks, _), = nms(heat[None].detach(), CFG.nms_radius, CFG.nms_threshold, CFG.border, n)
-    pts = peaks.cpu()
-    if labels is not None and len(labels):
-        if len(pts):
-            pts = pts[torch.cdist(pts, labels).min(1).values > CFG.nms_radius]
-        pts = torch.cat([labels, pts])[:n]
-    if len(pts) < n:
-        pts = torch.cat([pts, torch.rand(n - len(pts), 2, generator=gen) * (crop - 1)])
-    return pts
+def progressive_keypoint_expansion(heat, heat_aug, desc, desc_aug, A, labels, value_map, cfg):
+    """SuperRetina's PKE on one labelled image (its pke_module.pke_learn): which predicted
+    keypoints join the labels?
+
+    heat: H x W prediction on the image; heat_aug: H x W prediction on its detector warp A
+    (3 x 3, image px -> warped px); desc, desc_aug: their D x H/8 x W/8 descriptors (all without
+    gradient); labels: K x 2 initial keypoints (px); value_map: H x W uint8 numpy, in place.
+      1. candidates: NMS peaks of heat (train_nms_radius, train_nms_threshold, train_border)
+      2. geometric filter: the warp's prediction, read at the warped place (truncated to its
+         pixel), reaches geometric_threshold; at most max_geometric survivors
+      3. content filter: among the survivors' warped descriptors, the nearest to a candidate's
+         own is its warped self, and nearer than content_ratio x the second nearest
+      4. the content survivors update the value map; its peaks are the learned points
+      5. targets: labels merged with the learned points (merge_labels)
+    Returns a dict of point sets (N x 2 px): candidates, geometric, content, learned, targets."""
+    h, w = heat.shape
+    (candidates, _), = detect_keypoints(heat[None, None], cfg.train_nms_radius, cfg.train_nms_threshold,
+                                        cfg.train_border)
+    moved = transform_points(A, candidates)
+    keep = strictly_inside(moved, h, w)
+    at = moved[keep].long()
+    keep[keep.clone()] = heat_aug[at[:, 1], at[:, 0]] >= cfg.geometric_threshold
+    geometric, moved = candidates[keep][:cfg.max_geometric], moved[keep][:cfg.max_geometric]
+    content = geometric[:0]
+    if len(geometric) > 1:
+        d = sample_descriptors(desc[None], [geometric], (h, w))[0]
+        d_aug = sample_descriptors(desc_aug[None], [moved], (h, w))[0]
+        near = torch.cdist(d, d_aug, compute_mode="donot_use_mm_for_euclid_dist").topk(2, largest=False)
+        own = near.indices[:, 0] == torch.arange(len(geometric), device=d.device)
+        content = geometric[own & (near.values[:, 0] < cfg.content_ratio * near.values[:, 1])]
+    update_value_map(value_map, content.long().cpu().numpy(), cfg)
+    learned = learned_points(value_map, cfg)
+    targets = merge_labels(learned, labels.cpu(), (h, w), cfg)
+    return {"candidates": candidates, "geometric": geometric, "content": content, "learned": learned,
+            "targets": targets}
 
 
-def batch_triplet_loss(anchors, positives, points, cfg, gen):
-    """Triplet loss over the keypoints of a whole batch of crops: one crop holds few keypoints,
-    the batch gives each anchor enough negatives. Lists per image of N_i x D descriptors and
-    N_i x 2 positions (pixels of that image's crop)."""
-    images = torch.cat([torch.full((len(p),), i, device=p.device) for i, p in enumerate(points)])
-    return triplet_loss(torch.cat(anchors), torch.cat(positives), torch.cat(points), cfg, gen, images)
+def keypoints_with_labels(heat, labels, cfg):
+    """Descriptor-loss keypoints as SuperRetina picks them: NMS peaks of `heat` (B x 1 x H x W,
+    no gradient) with every label pixel raised to 10 so that labels are always among them."""
+    heat = heat.detach().float().clone()
+    h, w = heat.shape[-2:]
+    for i, lab in enumerate(labels):
+        if lab is not None and len(lab):
+            xy = lab.round().long()
+            xy = xy[(xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)].to(heat.device)
+            heat[i, 0, xy[:, 1], xy[:, 0]] = 10.0
+    return [p for p, _ in detect_keypoints(heat, cfg.train_nms_radius, cfg.train_nms_threshold, cfg.train_border)]
 
 
-def semi_supervised_losses(model, frozen, x, labels, value_maps, offsets, cfg, gen, pke=True):
-    """SuperRetina's training objective on a batch of crops x (B x 1 x C x C).
+def pooled_triplet_loss(anchor_desc, positive_desc, anchor_points, positive_points, cfg, gen):
+    """triplet_loss over a batch: descriptors of B x D x H/8 x W/8 maps sampled at lists of
+    K_b x 2 places (px). As SuperRetina, an image with more than max_descriptor_points places
+    turns the loss off for the whole batch."""
+    if any(len(p) > cfg.max_descriptor_points for p in anchor_points):
+        return anchor_desc.sum() * 0
+    hw = (anchor_desc.shape[-2] * 8, anchor_desc.shape[-1] * 8)
+    anchors = sample_descriptors(anchor_desc, anchor_points, hw)
+    positives = sample_descriptors(positive_desc, positive_points, hw)
+    groups = torch.cat([torch.full((len(p),), i, device=anchor_desc.device) for i, p in enumerate(anchor_points)])
+    return triplet_loss(torch.cat(anchors), torch.cat(positives), groups, cfg, gen)
 
-    Detector: Dice against labels grown by PKE (initial labels 1, learned 0.5) for labelled
-    images, plus Dice between the prediction and the warped-back prediction of a strong affine
-    copy for every image; with pke=False (the warm-up epochs) only Dice against the initial
-    labels. Descriptor: triplet loss at keypoints between the image and an affine,
-    photometrically jittered copy.
-    `frozen` is the same network without DDP, for the no-gradient PKE pass.
-    Returns (losses dict, heat, desc, PKE points found per image)."""
+
+def superretina_losses(model, unwrapped, x, labels, value_maps, pke, cfg, gen):
+    """SuperRetina's training objective (its super_retina.py forward) on a batch.
+
+    x: B x 1 x C x C in [0, 1]; labels: per image K x 2 keypoints (px) or None (unlabelled);
+    value_maps: per labelled image its C x C uint8 value map (numpy view, updated in place).
+      detector (labelled images only): Dice against the labels' Gaussian targets; with PKE,
+        Dice against the targets PKE grows plus Dice against the prediction on a detector warp
+        mapped back (the consistency term; on crops only where the warp overlaps the crop),
+        each one ratio over the labelled images;
+      descriptor (every image): triplet loss between the image and its descriptor warp at
+        keypoints (labels, plus the predicted peaks once PKE runs).
+    model may be DDP-wrapped; unwrapped is the same network without it (the no-gradient pass).
+    Returns (losses {"detector", "descriptor"}, heat B x 1 x C x C, desc, PKE dicts by image)."""
     b, _, c, _ = x.shape
-    A_copy = random_affine(b, c, cfg.descriptor_affine, gen)
-    r = lambda: torch.rand(b, 1, 1, 1, generator=gen).to(x)
-    x_copy = warp(x, A_copy)
-    mean = x_copy.mean((2, 3), keepdim=True)            # brightness and contrast jitter, as SuperRetina's
-    x_copy = (((x_copy - mean) * (0.7 + 0.6 * r()) + mean) * (0.6 + 0.8 * r())).clamp(0, 1)
-    heat_all, desc_all = model(torch.cat([x, x_copy]))       # one forward: DDP sees one graph
-    heat, desc, desc_copy = heat_all[:b], desc_all[:b], desc_all[b:]
-    if pke:
-        A_strong = random_affine(b, c, cfg.strong_affine, gen)
-        with torch.no_grad():
-            heat_s, desc_s = frozen(warp(x, A_strong))
-    det, found, targets, has = [], [], [], []
-    for i in range(b):
-        if labels[i] is None:
-            found.append(None)
-            targets.append(None)
-            continue
-        learned = labels[i][:0]
+    device = x.device
+    A_desc = random_affine(b, c, cfg.descriptor_affine, gen).to(device)
+    x_desc = color_jitter(warp(x, A_desc), cfg, gen)
+    with autocast(device, cfg.precision):                  # one forward: DDP sees one graph
+        heat_all, desc_all = model(torch.cat([x, x_desc]).contiguous(memory_format=torch.channels_last))
+    heat, desc, desc_warped = heat_all[:b], desc_all[:b], desc_all[b:]
+    labelled = [i for i in range(b) if labels[i] is not None]
+    targets, found = {i: labels[i] for i in labelled}, {}
+    detector = heat.sum() * 0
+    if labelled:
         if pke:
-            pts = progressive_keypoint_expansion(heat[i].detach(), heat_s[i], desc[i].detach(), desc_s[i], A_strong[i], cfg)
-            update_value_map(value_maps[i], pts, offsets[i], c, cfg)
-            x0, y0 = offsets[i]
-            learned = learned_points(value_maps[i][y0:y0 + c, x0:x0 + c], labels[i], cfg)
-        found.append(pts if pke else None)
-        targets.append((torch.cat([labels[i], learned]), torch.cat([torch.ones(len(labels[i])), torch.full((len(learned),), cfg.learned_weight)])))
-        has.append(i)
-    if has:
-        t = gaussian_targets([targets[i][0] for i in has], (len(has), 1, c, c), cfg, [targets[i][1] for i in has]).to(x)
-        det.append(dice_loss(heat[has], t))
-    if pke:
-        back = warp_back(heat_s, A_strong)                    # strong copy's heat in this frame
-        det.append(dice_loss(heat, back, valid_mask(A_strong, c).to(x)))
-    anchors, positives, places = [], [], []
-    for i in range(b):
-        pts = descriptor_points(heat[i], targets[i][0] if targets[i] else None, c, cfg.triplet_points, gen)
-        moved = transform_points(A_copy[i], pts)
-        keep = inside(moved, c, 4)
-        places.append(pts[keep].to(x.device))
-        anchors.append(sample_descriptors(desc[i:i + 1], [places[-1]], (c, c))[0])
-        positives.append(sample_descriptors(desc_copy[i:i + 1], [moved[keep].to(x.device)], (c, c))[0])
-    desc_loss = batch_triplet_loss(anchors, positives, places, cfg, gen)
-    return {"det": sum(det) if det else heat.sum() * 0, "desc": desc_loss}, heat, desc, found
-
-
-def warp_back(heat_w, A):
-    """Heat of an affine copy resampled into the original frame: target = A^-1 of the copy."""
-    return warp(heat_w, torch.linalg.inv(A))
-
-
-def valid_mask(A, c):
-    """1 where a pixel of the original frame lands inside its affine copy."""
-    return (warp(torch.ones(len(A), 1, c, c), torch.linalg.inv(A)) > 0.99).float()
+            A_det = random_affine(len(labelled), c, cfg.detector_affine, gen).to(device)
+            with torch.no_grad(), autocast(device, cfg.precision):
+                heat_aug, desc_aug = unwrapped(warp(x[labelled], A_det).contiguous(memory_format=torch.channels_last))
+            for k, i in enumerate(labelled):
+                found[i] = progressive_keypoint_expansion(heat[i, 0].detach(), heat_aug[k, 0], desc[i].detach(),
+                                                          desc_aug[k], A_det[k], labels[i], value_maps[i], cfg)
+                targets[i] = found[i]["targets"]
+        t = gaussian_targets([targets[i] for i in labelled], (len(labelled), 1, c, c), cfg, device)
+        detector = dice_loss(heat[labelled], t)
+        if pke:   # consistency with the warp's prediction mapped back, where the warp saw the image:
+            # outside the overlap the mapped-back map is 0 -- on SuperRetina's whole images mostly
+            # black background, on a crop vessels, which the unmasked term would push to zero
+            back = warp(heat_aug, torch.linalg.inv(A_det))
+            seen = warp(torch.ones_like(heat_aug), torch.linalg.inv(A_det)) > 0.99 if cfg.crop else 1.0
+            detector = detector + dice_loss(heat[labelled] * seen, back * seen)
+    points = keypoints_with_labels(heat if pke else torch.zeros_like(heat), labels, cfg)
+    moved = [transform_points(A_desc[i], p) for i, p in enumerate(points)]
+    keep = [strictly_inside(m, c, c) for m in moved]
+    descriptor = pooled_triplet_loss(desc, desc_warped, [p[k] for p, k in zip(points, keep)],
+                                     [m[k] for m, k in zip(moved, keep)], cfg, gen)
+    return {"detector": detector, "descriptor": descriptor}, heat, desc, found
 
 
 def distillation_losses(student_heat, student_desc, teacher, x, labels, kd, cfg, gen):
-    """RKD's reverse distillation. output: Dice between the teacher's and the student's heatmaps.
-    representation: triplet loss whose anchors are the teacher's descriptors at the teacher's
-    keypoints (plus labels) and whose positives are the student's at the same places -- the
-    student is fitted in the teacher's descriptor space, not to its final decisions."""
-    with torch.no_grad():
-        t_heat, t_desc = teacher(x)
+    """RKD's knowledge terms (its train_util.py, logged as Knowledge_Loss_detect and
+    Knowledge_Loss_descript), each with weight 1 beside the student's own SuperRetina losses.
+
+    kd_detector: Dice between the frozen teacher's heatmap and the student's;
+    kd_descriptor: triplet_loss whose anchors are the teacher's descriptors and whose positives
+      are the student's at the same places -- the teacher's keypoints, labels forced in, no
+      warp -- with negatives among the student's other places: the student is fitted in the
+      teacher's descriptor space, not to its final decisions.
+    student_heat B x 1 x H x W, student_desc B x 256 x H/8 x W/8 of the batch x."""
+    with torch.no_grad(), autocast(x.device, cfg.precision):
+        t_heat, t_desc = teacher(x.contiguous(memory_format=torch.channels_last))
     out = {}
-    if kd in ("output", "both"):
-        out["kd_det"] = dice_loss(student_heat, t_heat)
-    if kd in ("representation", "both"):
-        c = x.shape[-1]
-        places = [descriptor_points(t_heat[i], labels[i], c, cfg.triplet_points, gen).to(x.device) for i in range(len(x))]
-        anchors = [sample_descriptors(t_desc[i:i + 1], [p], (c, c))[0] for i, p in enumerate(places)]
-        positives = [sample_descriptors(student_desc[i:i + 1], [p], (c, c))[0] for i, p in enumerate(places)]
-        out["kd_desc"] = batch_triplet_loss(anchors, positives, places, cfg, gen)
+    if kd in ("detector", "both"):
+        out["kd_detector"] = dice_loss(student_heat, t_heat)
+    if kd in ("descriptor", "both"):
+        points = keypoints_with_labels(t_heat, labels, cfg)
+        out["kd_descriptor"] = pooled_triplet_loss(t_desc, student_desc, points, points, cfg, gen)
     return out
-
-
-def photometric_augment(x, gen):
-    """As RKD's code: brightness x1.0-1.2; Gaussian blur with p 0.2; contrast 0.75-1.2 with p 0.2."""
-    b = len(x)
-    r = lambda: torch.rand(b, 1, 1, 1, generator=gen).to(x)
-    x = x * (1.0 + 0.2 * r())
-    kernel = gaussian_kernel(5, 1.0).to(x)
-    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel / kernel.sum())
-    x = torch.where(r() < 0.2, blurred, x)
-    mean = x.mean((2, 3), keepdim=True)
-    x = torch.where(r() < 0.2, (x - mean) * (0.75 + 0.45 * r()) + mean, x)
-    return x.clamp(0, 1)
 
 
 # =============================================================================================
@@ -1338,25 +1726,50 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def resolve_precision(name, device):
+    """--precision -> fp32 | bf16 | fp16. auto: bf16 where the hardware runs it natively fast --
+    CUDA with bf16 support, or a CPU with AMX tiles -- else fp32. A CPU with AVX-512 BF16 alone
+    is not enough: on the development machine's (Xeon, no AMX) bf16 convolutions ran 1.6x slower
+    than fp32 (`rkd.py bench`), so there auto stays fp32; ask for bf16 explicitly where bench
+    says it pays. fp16 needs CUDA (it trains with a gradient scaler)."""
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs CUDA; on a CPU use fp32 or bf16")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if amx else "fp32"
+
+
 def init_distributed(device):
-    """torchrun sets WORLD_SIZE/RANK: NCCL on CUDA, gloo on CPU. -> (rank, world size)."""
+    """torchrun sets WORLD_SIZE/RANK: NCCL on CUDA, gloo on CPU. -> (rank, world size).
+    The collective timeout is raised to 6 hours: rank 0 validates and writes checkpoints while
+    the others wait at the epoch's barrier, and a CPU validation can take far longer than the
+    default 10-30 minutes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=6))
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
 def sparse_value_maps(maps):
-    return {str(i): (v.nonzero().to(torch.int32), v[v != 0].half()) for i, v in maps.items()}
+    """{image index: H x W uint8} -> {str index: (K x 2 int32 positions, K uint8 values)}."""
+    out = {}
+    for i, v in maps.items():
+        ys, xs = np.nonzero(v)
+        out[str(i)] = (torch.from_numpy(np.c_[ys, xs].astype(np.int32)), torch.from_numpy(v[ys, xs].copy()))
+    return out
 
 
 def dense_value_maps(saved, size):
     maps = {}
     for i, (idx, val) in saved.items():
-        m = torch.zeros(size, size)
-        m[idx[:, 0].long(), idx[:, 1].long()] = val.float()
+        m = np.zeros((size, size), np.uint8)
+        m[idx[:, 0].long().numpy(), idx[:, 1].long().numpy()] = val.to(torch.uint8).numpy()
         maps[int(i)] = m
     return maps
 
@@ -1383,12 +1796,76 @@ def check_ranks_agree(model, world):
     return digests[0]
 
 
+def load_weights(model, path):
+    """Weights of a checkpoint or shipped file (fp16 ones too) into `model`, which must be the
+    architecture the file declares. Raises UserError otherwise."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != model.arch:
+        raise UserError(f"{path}: holds {ckpt['arch']!r} weights, not {model.arch!r}")
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
+    except RuntimeError:
+        raise UserError(f"{path}: weights do not fit architecture {ckpt['arch']!r}") from None
+    return ckpt
+
+
+@dataclass
+class Run:
+    """What one training step needs besides the batch."""
+    model: nn.Module                # the network, DDP-wrapped when distributed
+    unwrapped: nn.Module            # the same network without the DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler    # active for fp16 only
+    cfg: Config
+    teacher: nn.Module | None = None
+    kd: str = "none"
+    self_loss: bool = True
+    augment: bool = False
+
+
+def train_step(run, data, indices, value_maps, pke, gen):
+    """One optimisation step on a batch of images -> dict of named losses (device tensors,
+    detached) plus "heat_max"; PKE results are summarised as "pke_learned" (points PKE added to
+    the batch's targets). Nothing is read back to the host here except what PKE itself needs."""
+    cfg, device = run.cfg, next(run.unwrapped.parameters()).device
+    x, offsets, labels = data.batch(indices, cfg.crop, gen)
+    x = x.to(device, non_blocking=True)
+    if run.augment:
+        x = rkd_augment(x, [data.blur_scale[i] for i in indices], gen)
+    c = x.shape[-1]
+    maps = {k: value_maps[i][y0:y0 + c, x0:x0 + c] for k, (i, (x0, y0)) in enumerate(zip(indices, offsets))
+            if i in value_maps}                          # crop windows of the value maps (views)
+    losses, found = {}, {}
+    if run.self_loss:
+        losses, heat, desc, found = superretina_losses(run.model, run.unwrapped, x, labels, maps, pke, cfg, gen)
+    else:
+        with autocast(device, cfg.precision):
+            heat, desc = run.model(x.contiguous(memory_format=torch.channels_last))
+    if run.teacher is not None:
+        losses.update(distillation_losses(heat, desc, run.teacher, x, labels, run.kd, cfg, gen))
+    loss = sum(losses.values())
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    out = {k: v.detach() for k, v in losses.items()}
+    out["heat_max"] = heat.detach().max()
+    out["pke_learned"] = sum(len(f["targets"]) - len(labels[k]) for k, f in found.items())
+    return out
+
+
 def train(args, distill=False):
-    """One loop for both commands. train-cnn: the semi-supervised SuperRetina objective.
-    distill: a student against a frozen teacher, with the student's own losses optionally."""
+    """One loop for both commands, nanoGPT-style: set-up, then per epoch the steps and the
+    epoch's end (log, validate, checkpoint). train-cnn: the SuperRetina objective. distill: a
+    student against a frozen teacher, with the student's own SuperRetina losses (RKD)."""
+    # ---- set-up ----------------------------------------------------------------------------
     cfg = dataclasses.replace(CFG, size=args.size, crop=args.crop, lr=args.lr, batch=args.batch, epochs=args.epochs,
-                              seed=args.seed, pke_start=args.pke_start)
+                              seed=args.seed, pke_start=args.pke_start, grad_clip=args.grad_clip)
     device = pick_device(args.device)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(args.precision, device))
     rank, world = init_distributed(device)
     main_rank, quiet = rank == 0, args.quiet or rank != 0
     out = Path(args.out)
@@ -1403,85 +1880,91 @@ def train(args, distill=False):
         teacher = load_model(args.teacher, device)
         for p in teacher.parameters():
             p.requires_grad_(False)
-    data = TrainingSet(collect_samples(args), cfg.size, quiet)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    value_maps = {i: torch.zeros(cfg.size, cfg.size) for i, lab in enumerate(data.labels) if lab is not None}
+    data = TrainingSet(collect_samples(args, cfg), cfg.size, quiet)
+    value_maps = {i: np.zeros((cfg.size, cfg.size), np.uint8) for i, lab in enumerate(data.labels) if lab is not None}
     start, best = 0, -1.0
+    if args.init:
+        load_weights(model, resolve_weights(args.init))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["arch"] != arch or "optimizer" not in ckpt:
-            raise UserError(f"{args.resume}: holds {ckpt['arch']!r} weights-only or of another arch, cannot resume {arch!r}")
+        ckpt = load_weights(model, args.resume)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{args.resume}: a weights-only file cannot be resumed (use --init)")
         if ckpt["config"]["size"] != cfg.size:
             raise UserError(f"{args.resume}: trained at --size {ckpt['config']['size']}, not {cfg.size}")
-        model.load_state_dict(ckpt["model"])
+        if ckpt.get("data", data.fingerprint) != data.fingerprint:
+            raise UserError(f"{args.resume}: trained on other data (fingerprint {ckpt.get('data')}, now "
+                            f"{data.fingerprint}): give the same --vessels/--lab/--unlabelled/--synthetic, or --init")
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:    # the loaded state carries the old rate; --lr wins
             group["lr"] = cfg.lr
         value_maps.update(dense_value_maps(ckpt["value_maps"], cfg.size))
         start, best = ckpt["epoch"], ckpt["best"]
-    frozen = model
+    model = model.to(memory_format=torch.channels_last)
+    unwrapped = model
     if world > 1:
         # a student trained on one KD term alone leaves the other head out of the loss
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    find_unused_parameters=distill and args.self_loss == "off" and args.kd in ("output", "representation"))
-    sampler = torch.utils.data.DistributedSampler(range(len(data)), world, rank, shuffle=True, seed=cfg.seed, drop_last=world > 1)
-    log = f"{'distill ' + args.kd if distill else 'train-cnn'} {arch}: {len(data)} images " \
-          f"({len(value_maps)} labelled), {world} process(es) on {device}"
+                                                    find_unused_parameters=distill and args.self_loss == "off" and args.kd != "both")
+    run = Run(model, unwrapped, optimizer, torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), cfg,
+              teacher, args.kd if distill else "none", not distill or args.self_loss == "on" or args.kd == "none",
+              args.augment == "on" or (args.augment == "auto" and (distill or arch == "lk")))
+    sampler = torch.utils.data.DistributedSampler(range(len(data)), world, rank, shuffle=True, seed=cfg.seed,
+                                                  drop_last=world > 1)
     if main_rank:
-        print(log, file=sys.stderr)
+        print(f"{'distill ' + args.kd if distill else 'train-cnn'} {arch}: {len(data)} images ({len(value_maps)} "
+              f"labelled, data {data.fingerprint}), {world} process(es) on {device}, {cfg.precision}, "
+              f"augment {'on' if run.augment else 'off'}", flush=True)
     started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
+        # ---- the epoch's steps: losses stay on the device until the epoch ends ---------------
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * world + rank)   # resumable randomness
         order = list(sampler)
-        sums, steps, found, peak = {}, 0, 0, 0.0
+        sums, steps, learned = {}, 0, 0
         model.train()
-        bar = progress(range(0, len(order), cfg.batch), f"epoch {epoch + 1}/{cfg.epochs}", quiet)
-        for s in bar:
-            idx = order[s:s + cfg.batch]
-            x, offsets, labels = data.batch(idx, cfg.crop, gen)
-            x = photometric_augment(x.to(device), gen)
-            maps = [value_maps.get(i) for i in idx]
-            losses = {}
-            if not distill or args.self_loss == "on" or args.kd == "none":
-                losses, heat, desc, pke = semi_supervised_losses(model, frozen, x, labels, maps, offsets, cfg, gen,
-                                                                 pke=epoch >= cfg.pke_start)
-                found += sum(len(p) for p in pke if p is not None)
-            else:
-                heat, desc = model(x)
-            if distill and args.kd != "none":
-                losses.update(distillation_losses(heat, desc, teacher, x, labels, args.kd, cfg, gen))
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+        for s in progress(range(0, len(order), cfg.batch), f"epoch {epoch + 1}/{cfg.epochs}", quiet):
+            result = train_step(run, data, order[s:s + cfg.batch], value_maps, epoch >= cfg.pke_start, gen)
+            learned += result.pop("pke_learned")
+            heat_max = result.pop("heat_max")
+            sums["heat_max"] = torch.maximum(sums.get("heat_max", heat_max), heat_max)
+            for k, v in result.items():
+                sums[k] = sums.get(k, 0) + v
             steps += 1
-            peak = max(peak, heat.detach().max().item())
-            bar.set_postfix(loss=f"{loss.item():.3f}", grad=f"{norm.item():.2f}")
+        # ---- end of epoch: one read-back, then log, validate, checkpoint -----------------------
         share_value_maps(value_maps, [i for i in order if i in value_maps], world)
-        learned = sum(len(learned_points(v, data.labels[i], cfg)) for i, v in value_maps.items())
+        values = {k: float(v) for k, v in sums.items()}
+        means = {k: v / max(steps, 1) for k, v in values.items() if k != "heat_max"}
+        if not all(math.isfinite(v) for v in means.values()):
+            kept = (f"{out / 'last.pt'} keeps the last good epoch: --resume it with a lower --lr"
+                    if (out / "last.pt").exists() else "no checkpoint was written: try a lower --lr")
+            raise UserError(f"training diverged in epoch {epoch + 1} (a loss is not finite); {kept}")
         if main_rank:
-            val = validation_mauc(frozen, args.val, dataclasses.replace(cfg, size=args.val_size or cfg.size)) if args.val else None
-            improved = val is None or val > best
-            best = max(best, val if val is not None else best)
+            val = validation_mauc(unwrapped, args.val, dataclasses.replace(cfg, size=args.val_size or cfg.size)) \
+                if args.val else None
+            improved = val is not None and val > best
+            best = max(best, val) if val is not None else best
             state = dict(config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(), epoch=epoch + 1, best=best,
-                         value_maps=sparse_value_maps(value_maps), args={k: str(v) for k, v in vars(args).items() if k != "func"})
-            save_checkpoint(out / "last.pt", frozen, **state)
-            if improved:
-                save_checkpoint(out / "best.pt", frozen, **state)
-            means = " ".join(f"{k} {v / max(steps, 1):.4f}" for k, v in sums.items())
-            print(f"epoch {epoch + 1}/{cfg.epochs}  {means}  heat_max {peak:.3f}  pke_found {found}  pke_learned {learned}"
-                  + (f"  val_mAUC {val:.4f}" if val is not None else "")
-                  + f"  {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-            if peak < 1e-4:   # sigmoid saturated everywhere: Dice has no gradient left to recover with
-                print(f"warning: the detector heatmap collapsed to zero (max {peak:.1e}); resume from an earlier "
-                      "checkpoint with a lower --lr", file=sys.stderr, flush=True)
+                         data=data.fingerprint, value_maps=sparse_value_maps(value_maps),
+                         args={k: str(v) for k, v in vars(args).items() if k != "func"})
+            save_checkpoint(out / "last.pt", unwrapped, **state)
+            if improved:                         # without --val, last.pt is the only checkpoint
+                save_checkpoint(out / "best.pt", unwrapped, **state)
+            minutes = (time.perf_counter() - started) / 60
+            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+                  + f"  heat_max {values.get('heat_max', 0):.3f}  pke_learned {learned}"
+                  + (f"  val_mAUC {val:.4f}" if val is not None else "") + f"  {minutes:.1f} min", flush=True)
+            if values.get("heat_max", 1) < 1e-4:   # sigmoid saturated everywhere: Dice has no gradient left
+                print(f"warning: the detector heatmap collapsed to zero (max {values['heat_max']:.1e}); resume from "
+                      "an earlier checkpoint with a lower --lr", file=sys.stderr, flush=True)
         if world > 1:
             torch.distributed.barrier()
-    digest = check_ranks_agree(frozen, world)
+        if args.max_minutes and (time.perf_counter() - started) / 60 >= args.max_minutes:
+            if main_rank:
+                print(f"stopped after epoch {epoch + 1}: --max-minutes {args.max_minutes} reached; "
+                      f"--resume {out / 'last.pt'} continues", flush=True)
+            break
+    digest = check_ranks_agree(unwrapped, world)
     if main_rank and digest:
         print(f"distributed: parameters identical on all {world} ranks (sha256 {digest[:16]})", flush=True)
     if world > 1:
@@ -1493,24 +1976,40 @@ def train(args, distill=False):
 # 10. Command line
 # =============================================================================================
 
-def draw_matches(query, refer, reg, max_side=1200):
-    """Side-by-side picture of the inlier matches (green) on the two original images."""
+def draw_matches(query, refer, reg, max_side=1200, title="", max_lines=150):
+    """Side-by-side picture of the inlier matches (green lines, red ends) on the two original
+    images, under a title line; with more than max_lines inliers an even sample is drawn."""
     scale = max_side / max(query.shape[0], refer.shape[0], 1)
-    q = cv2.resize(query, None, fx=scale, fy=scale)
-    r = cv2.resize(refer, None, fx=scale, fy=scale)
-    h = max(q.shape[0], r.shape[0])
-    canvas = np.zeros((h, q.shape[1] + r.shape[1], 3), np.uint8)
-    canvas[:q.shape[0], :q.shape[1]], canvas[:r.shape[0], q.shape[1]:] = q, r
-    for a, b in zip(reg.query_points[reg.inliers] * scale, reg.refer_points[reg.inliers] * scale):
-        pa, pb = tuple(int(v) for v in a), (int(b[0]) + q.shape[1], int(b[1]))
+    q = cv2.resize(to_uint8(query), None, fx=scale, fy=scale)
+    r = cv2.resize(to_uint8(refer), None, fx=scale, fy=scale)
+    h, bar = max(q.shape[0], r.shape[0]), 28
+    canvas = np.zeros((h + bar, q.shape[1] + r.shape[1], 3), np.uint8)
+    canvas[bar:bar + q.shape[0], :q.shape[1]], canvas[bar:bar + r.shape[0], q.shape[1]:] = q, r
+    stage = reg.final
+    pairs = list(zip(stage.query_points[stage.inliers] * scale, stage.refer_points[stage.inliers] * scale))
+    shown = pairs[::max(1, math.ceil(len(pairs) / max_lines))]
+    for a, b in shown:
+        pa, pb = (int(a[0]), int(a[1]) + bar), (int(b[0]) + q.shape[1], int(b[1]) + bar)
         cv2.line(canvas, pa, pb, (0, 255, 0), 1, cv2.LINE_AA)
         cv2.circle(canvas, pa, 3, (0, 0, 255), -1)
         cv2.circle(canvas, pb, 3, (0, 0, 255), -1)
+    text = f"{title}  query (left) -> reference (right): {len(pairs)} inliers" + \
+        (f", {len(shown)} drawn" if len(shown) < len(pairs) else "")
+    cv2.putText(canvas, text.strip(), (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * canvas.shape[1] / 1600,
+                (255, 255, 255), 1, cv2.LINE_AA)
     return canvas
+
+
+def aligned_query(query, refer, H):
+    """The query warped into the reference's frame by H, in the query's own bit depth: what a
+    user compares visits with."""
+    h, w = refer.shape[:2]
+    return cv2.warpPerspective(query, H, (w, h), flags=cv2.INTER_LINEAR)
 
 
 def checkerboard(query, refer, H, tiles=8):
     """The query warped onto the reference by H, interleaved with it in a checkerboard."""
+    query, refer = to_uint8(query), to_uint8(refer)
     h, w = refer.shape[:2]
     warped = cv2.warpPerspective(query, H, (w, h))
     yy, xx = np.mgrid[0:h, 0:w]
@@ -1519,16 +2018,26 @@ def checkerboard(query, refer, H, tiles=8):
 
 
 def plot_success_curves(runs, path, category=None):
-    """Fraction of pairs with mean error below t, t = 1..25 px, one curve per model (OpenCV)."""
-    W, H, m = 640, 440, 60
+    """Success curves (OpenCV drawing): for thresholds t = 1..25 px, the fraction of pairs whose
+    mean error is below t, one curve per model. The legend gives the numbers eval prints: the
+    category's AUC, or for 'all' the mAUC (the mean of S, P and A) -- while the 'all' curve
+    itself pools every pair, as the title says."""
+    W, H, m = 720, 480, 64
     img = np.full((H, W, 3), 255, np.uint8)
-    cv2.rectangle(img, (m, 20), (W - 20, H - m), (0, 0, 0), 1)
-    to_px = lambda t, f: (int(m + (t - 1) / (AUC_LIMIT - 1) * (W - 20 - m)), int(H - m - f * (H - m - 20)))
+    cv2.rectangle(img, (m, 30), (W - 20, H - m), (0, 0, 0), 1)
+
+    def to_px(t, f):
+        return int(m + (t - 1) / (AUC_LIMIT - 1) * (W - 20 - m)), int(H - m - f * (H - m - 30))
+    font = cv2.FONT_HERSHEY_SIMPLEX
     for t in (1, 5, 10, 15, 20, 25):
-        cv2.putText(img, str(t), (to_px(t, 0)[0] - 6, H - m + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+        cv2.putText(img, str(t), (to_px(t, 0)[0] - 6, H - m + 18), font, 0.4, (0, 0, 0), 1)
     for f in (0, 0.5, 1.0):
-        cv2.putText(img, f"{f:.1f}", (20, to_px(1, f)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
-    cv2.putText(img, f"success rate vs error threshold (px), {category or 'all'}", (m, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+        cv2.putText(img, f"{f:.1f}", (24, to_px(1, f)[1] + 4), font, 0.4, (0, 0, 0), 1)
+    cv2.putText(img, "threshold t: mean control-point error, px of the original image", (m, H - m + 40), font, 0.45,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, "share of pairs with error < t", (4, 22), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    title = f"category {category}" if category else "all pairs pooled (legend: mAUC = mean of S, P, A)"
+    cv2.putText(img, title, (W // 2 - 60, 22), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     colours = [(200, 60, 0), (0, 140, 0), (0, 0, 200), (160, 0, 160), (0, 160, 200), (90, 90, 90)]
     for k, (name, rows) in enumerate(runs):
         e = np.array([r["mean_error"] for r in rows if category in (None, r["category"])])
@@ -1537,21 +2046,41 @@ def plot_success_curves(runs, path, category=None):
         colour = colours[k % len(colours)]
         pts = np.array([to_px(t, (e < t).mean()) for t in range(1, AUC_LIMIT + 1)], np.int32)
         cv2.polylines(img, [pts], False, colour, 2, cv2.LINE_AA)
-        cv2.putText(img, f"{name} (AUC {fire_auc(e):.3f})", (m + 10, 40 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
+        s = summarise(rows)
+        label = f"{name}: AUC {s[category]:.3f}" if category else f"{name}: mAUC {s['mAUC']:.3f}"
+        cv2.putText(img, label, (m + 10, 52 + 18 * k), font, 0.45, colour, 1, cv2.LINE_AA)
     write_png(path, img)
 
 
-def matching_config(args):
-    cfg = dataclasses.replace(CFG, size=args.size, trick=not args.no_trick, method=args.method)
+def matching_config(args, device):
+    cfg = dataclasses.replace(CFG, size=args.size, trick=not args.no_trick, method=args.method,
+                              precision=resolve_precision(args.precision, device))
     return dataclasses.replace(cfg, ratio=args.ratio, sift_ratio=args.ratio) if args.ratio else cfg
 
 
+def print_verdict(summaries):
+    """The main job's answer: two models side by side and which registers better (mAUC; within
+    0.01 is a tie)."""
+    print("\n| model | mAUC | S | P | A | failed / inaccurate / acceptable | s / pair |\n|---|---|---|---|---|---|---|")
+    for s in summaries:
+        m = s["summary"]
+        print(f"| {s['model']} | {m['mAUC']:.3f} | {m['S']:.3f} | {m['P']:.3f} | {m['A']:.3f} | "
+              f"{m['failed']} / {m['inaccurate']} / {m['acceptable']} | {m['seconds_per_pair']:.2f} |")
+    (a, ma), (b, mb) = ((s["model"], s["summary"]["mAUC"]) for s in summaries)
+    if abs(ma - mb) <= 0.01:
+        print(f"verdict: a tie ({a} {ma:.3f}, {b} {mb:.3f}: within 0.01)")
+    else:
+        (w, mw), (l, ml) = sorted(((a, ma), (b, mb)), key=lambda t: -t[1])
+        print(f"verdict: {w} registers better here (mAUC {mw:.3f} against {l}'s {ml:.3f})")
+
+
 def cmd_eval(args):
-    cfg = matching_config(args)
     device = pick_device(args.device)
+    cfg = matching_config(args, device)
     fire = Path(args.fire) if args.fire else default_benchmark(args.quiet)
     pairs, note = read_fire(fire)
-    names = args.weights or ([args.model] if args.model else [default_model_name()])
+    # the main job: the default model beside SIFT, so that a user sees where it stands
+    names = args.weights or ([args.model] if args.model else list(dict.fromkeys([default_model_name(), "sift"])))
     for path in (args.json, args.csv):
         if path:
             check_writable(path)
@@ -1560,9 +2089,15 @@ def cmd_eval(args):
     runs, summaries = [], []
     for name in names:
         model = load_model(name, device)
+        warn_size(model, cfg.size)
         on_pair = None
         if args.show_pairs and args.plots:
-            on_pair = lambda p, q, r, reg, n=name: write_png(Path(args.plots) / f"{'_'.join(Path(n).with_suffix('').parts[-2:])}_{p.name}.png", draw_matches(q, r, reg))
+            def on_pair(p, q, r, reg, n=name):
+                H = reg.protocol_H
+                e = pair_errors(H, p.points)
+                title = f"{n} {p.name} ({p.category}): {pair_status(e)}, mean error {e.mean():.1f} px"
+                write_png(Path(args.plots) / f"{'_'.join(Path(n).with_suffix('').parts[-2:])}_{p.name}.png",
+                          draw_matches(q, r, reg, title=title))
         rows = evaluate(model, pairs, cfg, args.quiet, on_pair)
         summary = summarise(rows)
         label = str(name)                 # as given: runs/lk/best.pt and runs/sr/best.pt stay apart
@@ -1573,6 +2108,8 @@ def cmd_eval(args):
         print(f"  S {summary['S']:.4f}  P {summary['P']:.4f}  A {summary['A']:.4f}  mAUC {summary['mAUC']:.4f}")
         print(f"  failed {summary['failed']}  inaccurate {summary['inaccurate']}  acceptable {summary['acceptable']}  "
               f"pairs {summary['pairs']}  seconds/pair {summary['seconds_per_pair']:.2f}")
+    if not args.weights and not args.model and len(summaries) == 2:
+        print_verdict(summaries)
     if args.markdown:
         print("\n| model | S | P | A | mAUC | failed / inaccurate / acceptable | s / pair |\n|---|---|---|---|---|---|---|")
         for s in summaries:
@@ -1581,10 +2118,11 @@ def cmd_eval(args):
                   f"{m['failed']} / {m['inaccurate']} / {m['acceptable']} | {m['seconds_per_pair']:.2f} |")
     if args.json:
         doc = summaries[0] if len(summaries) == 1 else {"runs": summaries}
-        write_atomic(args.json, json.dumps(doc, indent=1, default=lambda v: None).replace("Infinity", "null").encode())
+        write_atomic(args.json, json_bytes(doc))
     if args.csv:
         buf = io.StringIO()
-        fields = ["model", "name", "category", "status", "mean_error", "max_error", "median_error", "inliers", "seconds"]
+        fields = ["model", "name", "category", "status", "mean_error", "max_error", "median_error", "inliers",
+                  "first_stage_inliers", "second_stage_inliers", "implausible", "seconds"]
         writer = csv.DictWriter(buf, fields, extrasaction="ignore")
         writer.writeheader()
         for label, rows in runs:
@@ -1593,29 +2131,102 @@ def cmd_eval(args):
     if args.plots:
         for category in (None, *FIRE_CATEGORIES):
             plot_success_curves(runs, Path(args.plots) / f"success_{category or 'all'}.png", category)
+    for what, where in (("JSON", args.json), ("CSV", args.csv), ("success curves" + (" and match pictures"
+                        if args.show_pairs else ""), args.plots)):
+        if where:
+            print(f"wrote {what}: {where}")
+
+
+def match_pair(model, query_path, refer_path, out, cfg, cache=None, quiet=False):
+    """Register one pair and write homography.json, matches.png and, when registered,
+    aligned.png and checkerboard.png into `out`. -> the JSON document (its "status" is
+    "registered" only for a homography that passes the plausibility bar)."""
+    query, refer = read_image(query_path), read_image(refer_path)
+    start = time.perf_counter()
+    reg = register(model, query, refer, cfg, cache, (str(query_path), str(refer_path)))
+    seconds = time.perf_counter() - start
+    stage = reg.final
+    used = "second" if stage is reg.second else "first"
+    why = reg.implausibility(stage)
+    print(f"model {getattr(model, 'name', model.arch)}: keypoints {reg.keypoints[0]} / {reg.keypoints[1]}, "
+          f"matches {len(stage.inliers)}, inliers {int(stage.inliers.sum())}, {used} stage, {seconds:.2f} s")
+    if reg.second is not None and stage is reg.first and not quiet:   # eval would fail such a pair
+        print(f"the second matching stage was not used ({reg.implausibility(reg.second)}): the first stage's "
+              "homography is kept", file=sys.stderr)
+    doc = {"query": str(query_path), "refer": str(refer_path), "model": getattr(model, "name", model.arch),
+           "status": "failed" if why else "registered", "reason": why or None,
+           "homography_query_to_refer": None if why else (stage.H / stage.H[2, 2]).tolist(),
+           "stage": None if why else used,
+           "first_stage_inliers": int(reg.first.inliers.sum()),
+           "second_stage_inliers": None if reg.second is None else int(reg.second.inliers.sum()),
+           "keypoints": list(reg.keypoints), "matches": len(stage.inliers), "inliers": int(stage.inliers.sum())}
+    written = [out / "matches.png"]
+    write_png(written[0], draw_matches(query, refer, reg, title=("failed: " + why) if why else f"{used} stage"))
+    if not why:
+        written += [out / "aligned.png", out / "checkerboard.png"]
+        write_png(written[1], aligned_query(query, refer, stage.H))
+        write_png(written[2], checkerboard(query, refer, stage.H))
+    write_atomic(out / "homography.json", json_bytes(doc))
+    print("wrote " + ", ".join(str(p) for p in [out / "homography.json", *written]))
+    return doc
+
+
+def read_pair_list(path):
+    """--pairs CSV: rows `query,refer` (a header row of those words is allowed), paths relative
+    to the CSV's folder -> list of (row number, query path, refer path) or (row number, error)."""
+    rows = []
+    for i, row in enumerate(csv.reader(io.StringIO(read_text(path))), 1):
+        cells = [c.strip() for c in row]
+        if not any(cells) or (i == 1 and [c.lower() for c in cells[:2]] == ["query", "refer"]):
+            continue
+        if len(cells) < 2 or not cells[0] or not cells[1]:
+            rows.append((i, f"row {i}: expected 'query,refer'"))
+        else:
+            rows.append((i, Path(path).parent / cells[0], Path(path).parent / cells[1]))
+    if not rows:
+        raise UserError(f"{path}: no 'query,refer' rows")
+    return rows
 
 
 def cmd_match(args):
-    cfg = matching_config(args)
+    device = pick_device(args.device)
+    cfg = matching_config(args, device)
     out = Path(args.out)
+    if bool(args.pairs) == bool(args.query and args.refer):
+        raise UserError("match: give QUERY REFER, or --pairs LIST.csv")
     check_writable(out / "homography.json")
-    model = load_model(args.weights or default_model_name(), pick_device(args.device))
-    query, refer = read_image(args.query), read_image(args.refer)
-    start = time.perf_counter()
-    reg = register(model, query, refer, cfg)
-    seconds = time.perf_counter() - start
-    print(f"model {getattr(model, 'name', model.arch)}: keypoints {reg.keypoints[0]} / {reg.keypoints[1]}, "
-          f"matches {len(reg.inliers)}, inliers {int(reg.inliers.sum())}, {seconds:.2f} s")
-    doc = {"query": str(args.query), "refer": str(args.refer), "model": getattr(model, "name", model.arch),
-           "homography_query_to_refer": None if reg.H is None else (reg.H / reg.H[2, 2]).tolist(),
-           "keypoints": list(reg.keypoints), "matches": len(reg.inliers), "inliers": int(reg.inliers.sum())}
-    write_png(out / "matches.png", draw_matches(query, refer, reg))
-    if reg.H is not None:
-        write_png(out / "checkerboard.png", checkerboard(query, refer, reg.H))
-    else:
-        print("no homography found: the pair could not be registered", file=sys.stderr)
-    write_atomic(out / "homography.json", json.dumps(doc, indent=1).encode())
-    return 0 if reg.H is not None else 1
+    model = load_model(args.weights or default_model_name(), device)
+    warn_size(model, cfg.size)
+    if not args.pairs:
+        doc = match_pair(model, args.query, args.refer, out, cfg)
+        if doc["status"] != "registered":
+            print(f"rkd: could not register the pair: {doc['reason']}", file=sys.stderr)
+            return 1
+        return 0
+    # a series of visits: the model loaded once, each image's features computed once
+    cache, summary = {}, []
+    for row in read_pair_list(args.pairs):
+        if len(row) == 2:
+            print(f"rkd: {args.pairs}: {row[1]}", file=sys.stderr)
+            summary.append({"row": row[0], "query": "", "refer": "", "status": "error", "reason": row[1]})
+            continue
+        i, query, refer = row
+        folder = out / f"{i:03d}_{query.stem}__{refer.stem}"
+        try:
+            doc = match_pair(model, query, refer, folder, cfg, cache, quiet=args.quiet)
+        except UserError as e:                           # one bad row: say so, go on with the others
+            print(f"rkd: row {i}: {e}", file=sys.stderr)
+            doc = {"status": "error", "reason": str(e), "inliers": None}
+        summary.append({"row": i, "query": str(query), "refer": str(refer), "status": doc["status"],
+                        "reason": doc.get("reason") or "", "inliers": doc.get("inliers"), "folder": str(folder)})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ["row", "query", "refer", "status", "reason", "inliers", "folder"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(summary)
+    write_atomic(out / "summary.csv", buf.getvalue().encode())
+    registered = sum(r["status"] == "registered" for r in summary)
+    print(f"registered {registered} of {len(summary)} pairs; summary: {out / 'summary.csv'}")
+    return 0 if registered == len(summary) else 1
 
 
 def cmd_labels(args):
@@ -1624,17 +2235,48 @@ def cmd_labels(args):
     check_writable(out / "ImageSets" / "train.txt")
     rows = []
     for root in args.vessels:
-        for s in progress(vessel_map_samples(root), f"labels {root}", args.quiet):
+        for s in progress(vessel_map_samples(root, dataclasses.replace(CFG, size=args.size)), f"labels {root}",
+                          args.quiet):
             name = f"{Path(root).name}_{s.path.stem}"
             image = read_image(s.path)
             write_png(out / "ImageData" / f"{name}.png", image)
             write_atomic(out / "Annotations" / f"{name}.txt", "".join(f"{x:.6f} {y:.6f}\n" for x, y in s.points).encode())
+            image = to_uint8(image).copy()
             for x, y in s.points * [image.shape[1], image.shape[0]]:
                 cv2.circle(image, (int(x), int(y)), 5, (0, 255, 255), 2)
             write_png(out / "Pictures" / f"{name}.png", image)
             rows.append(f"{name}.png, {name}.txt")
     write_atomic(out / "ImageSets" / "train.txt", ("\n".join(rows) + "\n").encode())
     print(f"wrote {len(rows)} labelled images to {out}")
+
+
+def cmd_selfwarp(args):
+    device = pick_device(args.device)
+    cfg = matching_config(args, device)
+    paths = []
+    for p in map(Path, args.images):
+        paths += image_files(p) if p.is_dir() else [p]
+    if not paths:
+        raise UserError("selfwarp: no images found in " + " ".join(args.images))
+    if args.json:
+        check_writable(args.json)
+    results = []
+    for name in args.weights or [default_model_name()]:
+        model = load_model(name, device)
+        warn_size(model, cfg.size)
+        rows = self_warp_check(model, paths, cfg, args.warps, quiet=args.quiet)
+        accuracy = [r["nn_accuracy"] for r in rows if math.isfinite(r["nn_accuracy"])]
+        summary = {"model": str(name), "arch": model.arch, "pairs": len(rows),
+                   "nn_accuracy": float(np.mean(accuracy)) if accuracy else None,
+                   "AUC": fire_auc([r["mean_error"] for r in rows]),
+                   **{s: sum(r["status"] == s for r in rows) for s in ("failed", "inaccurate", "acceptable")}}
+        results.append({**summary, "rows": rows})
+        print(f"{name} ({model.arch}): {len(rows)} self-warp pairs of {len(paths)} images  NN accuracy "
+              f"{summary['nn_accuracy'] if summary['nn_accuracy'] is None else round(summary['nn_accuracy'], 4)}  "
+              f"AUC {summary['AUC']:.4f}  failed {summary['failed']}  inaccurate {summary['inaccurate']}  "
+              f"acceptable {summary['acceptable']}", flush=True)
+    if args.json:
+        write_atomic(args.json, json_bytes({"size": cfg.size, "warps": args.warps, "seed": SELF_WARP_SEED, "runs": results}))
 
 
 def cmd_synth(args):
@@ -1647,40 +2289,82 @@ def cmd_export(args):
     """Strip a training checkpoint down to its weights (fp16 by default) for shipping."""
     ckpt = load_checkpoint(args.checkpoint)
     model = build_model(ckpt["arch"])
-    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    load_weights(model, args.checkpoint)
+    if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
+        raise UserError(f"{args.checkpoint}: holds non-finite weights (a diverged run); not exported")
     save_checkpoint(args.out, model, fp16=not args.fp32, epoch=ckpt.get("epoch", 0), config=ckpt.get("config", {}))
     data = Path(args.out).read_bytes()
     print(f"{args.out}: {ckpt['arch']}, {len(data) / 1e6:.1f} MB, sha256 {hashlib.sha256(data).hexdigest()}")
 
 
+BENCH_VARIANTS = (("fp32", False, "fp32"), ("channels_last", True, "fp32"), ("bf16", False, "bf16"),
+                  ("channels_last + bf16", True, "bf16"))
+
+
 def cmd_bench(args):
-    """Parameters, FLOPs and forward time of each architecture at --size (the benchmark)."""
+    """Size, FLOPs, and in one run on the same threads, the time of a forward at --size and of a
+    training step (SuperRetina's objective with PKE on --batch crops of --crop px) for each
+    architecture in fp32, channels_last, bf16 and channels_last + bf16, with ratios to fp32."""
     device = pick_device(args.device)
+    torch.manual_seed(0)
     x = torch.rand(1, 1, args.size, args.size, device=device)
-    print(f"| arch | parameters (M) | GFLOPs at {args.size} px | forward s ({device}) |\n|---|---|---|---|")
+    data = TrainingSet([Sample("synthetic", synthetic_seed=i) for i in range(args.batch)], args.crop, quiet=True)
+    maps = {i: np.zeros((args.crop, args.crop), np.uint8) for i in range(args.batch)}
+
+    def timed(fn):
+        fn()                                             # warm-up: allocations, oneDNN kernel choice
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.repeat):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.repeat
+
+    print(f"device {device}, {torch.get_num_threads()} thread(s); forward: 1 x {args.size} px; "
+          f"step: {args.batch} crops of {args.crop} px, PKE on")
+    print("| arch | params (M) | GFLOPs | variant | forward s | ratio | step s | ratio |\n|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
-        model = build_model(arch).to(device).eval()
-        with torch.no_grad():
-            model(x)
-            start = time.perf_counter()
-            for _ in range(args.repeat):
-                model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / args.repeat
-        print(f"| {arch} | {count_parameters(model) / 1e6:.2f} | {count_flops(model, args.size) / 1e9:.1f} | {seconds:.3f} |")
+        base = None
+        for label, channels_last, precision in BENCH_VARIANTS:
+            if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                continue
+            torch.manual_seed(0)
+            model = build_model(arch).to(device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            cfg = dataclasses.replace(CFG, size=args.crop, crop=args.crop, precision=precision)
+            model.eval()
+
+            def forward():
+                with torch.no_grad(), autocast(device, precision):
+                    model(x)
+            fwd = timed(forward)
+            model.train()
+            run = Run(model, model, torch.optim.Adam(model.parameters(), lr=1e-5),
+                      torch.amp.GradScaler(device.type, enabled=False), cfg)
+            gen = torch.Generator().manual_seed(0)
+            step = timed(lambda: train_step(run, data, list(range(args.batch)), maps, True, gen)["detector"].item())
+            base = base or (fwd, step)
+            print(f"| {arch} | {count_parameters(model) / 1e6:.2f} | {count_flops(model, args.size) / 1e9:.1f} | "
+                  f"{label} | {fwd:.3f} | {base[0] / fwd:.2f}x | {step:.3f} | {base[1] / step:.2f}x |", flush=True)
 
 
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    basic = argparse.ArgumentParser(add_help=False)          # every command
+    basic.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: 0 = torch's choice)")
+    basic.add_argument("--quiet", action="store_true", help="no progress bars")
+    common = argparse.ArgumentParser(add_help=False, parents=[basic])   # commands that run a network
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto = cuda if available)")
-    common.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: 0 = torch's choice)")
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    shipped = [n for n in SHIPPED if (WEIGHTS_DIR / SHIPPED[n]).exists()]
     matching = argparse.ArgumentParser(add_help=False)
     matching.add_argument("--size", type=int, default=CFG.size, help="network input side in px, a multiple of 8 (default: %(default)s)")
     matching.add_argument("--no-trick", action="store_true", help="skip the second matching stage")
     matching.add_argument("--method", default=CFG.method, choices=["lmeds", "ransac"], help="homography estimator (default: %(default)s)")
     matching.add_argument("--ratio", type=float, help=f"kNN ratio test (default: {CFG.ratio} for networks, {CFG.sift_ratio} for SIFT)")
+    matching.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                          help="network arithmetic (default: auto = bf16 on CUDA or AMX CPUs, else fp32)")
 
     p = argparse.ArgumentParser(prog="rkd.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1689,7 +2373,7 @@ def build_parser():
 
     e = sub.add_parser("eval", parents=[common, matching], help="score models on FIRE (or the synthetic benchmark)")
     e.add_argument("--fire", help="FIRE folder in its own layout (default: the embedded synthetic benchmark)")
-    e.add_argument("--weights", nargs="+", help=f"checkpoint paths or shipped names {sorted(SHIPPED)} or 'sift'; several compare (default: best shipped, else sift)")
+    e.add_argument("--weights", nargs="+", help=f"checkpoint paths, shipped names {shipped} or 'sift'; several compare (default: the best shipped beside sift)")
     e.add_argument("--model", choices=["sift"], help="score the SIFT baseline (same as --weights sift)")
     e.add_argument("--json", help="write summary and per-pair results (with homographies) here")
     e.add_argument("--csv", help="write per-pair rows here")
@@ -1699,16 +2383,20 @@ def build_parser():
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("match", parents=[common, matching], help="register one pair of your own photographs")
-    m.add_argument("query", help="image to be mapped (moving)")
-    m.add_argument("refer", help="reference image (fixed)")
-    m.add_argument("--out", required=True, help="output folder: homography.json, matches.png, checkerboard.png")
+    m.add_argument("query", nargs="?", help="image to be mapped (moving), e.g. a follow-up visit")
+    m.add_argument("refer", nargs="?", help="reference image (fixed), e.g. the baseline visit")
+    m.add_argument("--pairs", help="CSV of 'query,refer' rows (paths relative to it): register them all, one folder "
+                                   "each, plus summary.csv")
+    m.add_argument("--out", required=True, help="output folder: homography.json, matches.png, aligned.png "
+                                                "(the query in the reference's frame), checkerboard.png")
     m.add_argument("--weights", help="checkpoint path, shipped name or 'sift' (default: best shipped)")
     m.set_defaults(func=cmd_match)
 
     def training_flags(t):
         t.add_argument("--synthetic", type=int, default=0, help="number of synthetic labelled images (default: 0)")
         t.add_argument("--lab", nargs="+", help="folders in SuperRetina's Lab layout (labelled)")
-        t.add_argument("--vessels", nargs="+", help="folders with images/ and vessels/ (+fov/): junction labels")
+        t.add_argument("--vessels", nargs="+", help="photographs with manual vessel maps, labelled at their junctions: "
+                       "DRIVE, CHASE_DB1 or HRF as their archives unpack, or images/ + vessels/ (+ fov/)")
         t.add_argument("--unlabelled", nargs="+", help="image folders without labels (descriptor + consistency only)")
         t.add_argument("--size", type=int, default=CFG.size, help="training image side, px (default: %(default)s)")
         t.add_argument("--crop", type=int, default=0, help="random crop side, px; 0 = whole image (default: 0)")
@@ -1718,8 +2406,18 @@ def build_parser():
         t.add_argument("--seed", type=int, default=CFG.seed, help="(default: %(default)s)")
         t.add_argument("--pke-start", type=int, default=CFG.pke_start,
                        help="epochs of plain label Dice before PKE and the consistency term start (default: %(default)s)")
-        t.add_argument("--out", required=True, help="run folder: last.pt every epoch, best.pt")
-        t.add_argument("--resume", help="continue from this checkpoint (last.pt)")
+        t.add_argument("--grad-clip", type=float, default=CFG.grad_clip,
+                       help="max gradient norm, 0 = off as SuperRetina (default: %(default)s)")
+        t.add_argument("--augment", default="auto", choices=["auto", "on", "off"],
+                       help="RKD's brightness/blur/contrast augmentation (default: auto = on for lk and distill, "
+                            "off for SuperRetina's layout, as each paper's code)")
+        t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="autocast precision; checkpoints stay fp32 (default: auto = bf16 on CUDA or AMX CPUs)")
+        t.add_argument("--out", required=True, help="run folder: last.pt every epoch, best.pt with --val")
+        t.add_argument("--resume", help="continue from this checkpoint (last.pt): weights, optimizer, value maps")
+        t.add_argument("--init", help="start from these weights (checkpoint or shipped name) with a fresh optimizer")
+        t.add_argument("--max-minutes", type=float, default=0,
+                       help="stop after the epoch that passes N minutes; --resume continues (default: no limit)")
         t.add_argument("--val", help="FIRE-layout folder scored after each epoch, the best epoch kept (use `synth` pairs: FIRE is a test set)")
         t.add_argument("--val-size", type=int, default=0, help="model size for validation (default: --size)")
 
@@ -1731,31 +2429,47 @@ def build_parser():
     d = sub.add_parser("distill", parents=[common], help="train a student from a frozen teacher (RKD)")
     d.add_argument("--teacher", help="teacher checkpoint or shipped name (not needed with --kd none)")
     d.add_argument("--student", default="vit_student", choices=["vit_student", "small_cnn", "lk", "superretina"], help="(default: %(default)s)")
-    d.add_argument("--kd", default="representation", choices=["representation", "output", "both", "none"],
-                   help="representation: descriptor-space fitting (the paper); output: heatmap only; none: no teacher (default: %(default)s)")
+    d.add_argument("--kd", default="both", choices=["both", "descriptor", "detector", "none"],
+                   help="knowledge terms: both (RKD's), descriptor (triplet in the teacher's descriptor space), "
+                        "detector (heatmap Dice), none (the transformer trained directly) (default: %(default)s)")
     d.add_argument("--self-loss", default="on", choices=["on", "off"], help="also the student's own losses (default: %(default)s)")
     training_flags(d)
     d.set_defaults(func=lambda a: train(a, distill=True))
 
-    lb = sub.add_parser("labels", parents=[common], help="derive keypoint labels from vessel maps (Lab layout + pictures)")
-    lb.add_argument("--vessels", nargs="+", required=True, help="folders with images/ and vessels/ (+fov/)")
-    lb.add_argument("--out", required=True, help="output folder in the Lab layout")
+    sw = sub.add_parser("selfwarp", parents=[common, matching],
+                        help="validation off FIRE: register held-out photographs to known random warps of themselves")
+    sw.add_argument("images", nargs="+", help="images or folders the models were not trained on")
+    sw.add_argument("--weights", nargs="+", help="as eval's (default: best shipped)")
+    sw.add_argument("--warps", type=int, default=8, help="random homographies per image (default: %(default)s)")
+    sw.add_argument("--json", help="write per-pair results here")
+    sw.set_defaults(func=cmd_selfwarp)
+
+    lb = sub.add_parser("labels", parents=[basic], help="derive keypoint labels from vessel maps (Lab layout + pictures)",
+                        description="Writes, under --out: ImageData/ (the photographs), Annotations/ (one 'x y' row per "
+                                    "junction, normalised to 0..1), ImageSets/train.txt ('image, label' rows) -- "
+                                    "SuperRetina's Lab layout, for --lab -- and Pictures/ (the junctions drawn).")
+    lb.add_argument("--vessels", nargs="+", required=True, help="DRIVE, CHASE_DB1 or HRF as their archives unpack, "
+                    "or images/ + vessels/ (+ fov/)")
+    lb.add_argument("--out", required=True, help="output folder: ImageData/, Annotations/, ImageSets/train.txt, Pictures/")
+    lb.add_argument("--size", type=int, default=CFG.size, help="model size whose NMS radius merges junctions (default: %(default)s)")
     lb.set_defaults(func=cmd_labels)
 
-    sy = sub.add_parser("synth", parents=[common], help="write a synthetic benchmark in FIRE's layout")
+    sy = sub.add_parser("synth", parents=[basic], help="write a synthetic benchmark in FIRE's layout")
     sy.add_argument("--out", required=True, help="output folder")
     sy.add_argument("--pairs", type=int, default=4, help="pairs per category (default: %(default)s)")
     sy.set_defaults(func=cmd_synth)
 
-    ex = sub.add_parser("export", parents=[common], help="strip a checkpoint to shippable weights")
+    ex = sub.add_parser("export", parents=[basic], help="strip a checkpoint to shippable weights")
     ex.add_argument("checkpoint")
     ex.add_argument("out")
     ex.add_argument("--fp32", action="store_true", help="keep fp32 (default: fp16, loaded back as fp32)")
     ex.set_defaults(func=cmd_export)
 
-    b = sub.add_parser("bench", parents=[common], help="parameters, FLOPs and forward time per architecture")
-    b.add_argument("--size", type=int, default=CFG.size, help="(default: %(default)s)")
-    b.add_argument("--repeat", type=int, default=3, help="timed forwards (default: %(default)s)")
+    b = sub.add_parser("bench", parents=[common], help="forward and training-step time per architecture and precision")
+    b.add_argument("--size", type=int, default=CFG.size, help="forward input side, px (default: %(default)s)")
+    b.add_argument("--crop", type=int, default=128, help="training-step crop side, px (default: %(default)s)")
+    b.add_argument("--batch", type=int, default=4, help="training-step crops (default: %(default)s)")
+    b.add_argument("--repeat", type=int, default=3, help="timed repetitions after one warm-up (default: %(default)s)")
     b.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     b.set_defaults(func=cmd_bench)
     return p
@@ -1769,10 +2483,15 @@ def check_arguments(args):
         raise UserError("--val-size must be a multiple of 8")
     if getattr(args, "kd", "none") != "none" and not args.teacher:
         raise UserError(f"distill --kd {args.kd} needs --teacher (a checkpoint or shipped name)")
+    if getattr(args, "max_minutes", 0) < 0 or getattr(args, "grad_clip", 0) < 0:
+        raise UserError("--max-minutes and --grad-clip must be 0 or more")
+    if getattr(args, "init", None) and getattr(args, "resume", None):
+        raise UserError("give --init (weights, fresh optimizer) or --resume (the whole run), not both")
     if getattr(args, "pke_start", 0) < 0:
         raise UserError("--pke-start must be 0 or more")
-    for flag in ("batch", "repeat", "epochs", "pairs"):
-        if getattr(args, flag, 1) < 1:
+    for flag in ("batch", "repeat", "epochs", "pairs", "warps"):
+        value = getattr(args, flag, 1)
+        if isinstance(value, int) and value < 1:
             raise UserError(f"--{flag} must be at least 1")
     if args.threads < 0:
         raise UserError("--threads must be 0 (torch's choice) or more")
@@ -1788,6 +2507,12 @@ def main(argv=None):
         return result if isinstance(result, int) else 0
     except UserError as e:
         print(f"rkd: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:       # torch reports a failed allocation as RuntimeError
+        text = str(e).lower()
+        if not isinstance(e, MemoryError) and "memory" not in text and "alloc" not in text:
+            raise
+        print("rkd: error: out of memory: try a smaller --size (or --batch / --crop when training)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rkd: interrupted (the last checkpoint is whole; --resume continues from it)", file=sys.stderr)
