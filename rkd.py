@@ -494,8 +494,9 @@ def load_model(name, device="cpu"):
     if name == "sift":
         return Sift()
     path = resolve_weights(name)
-    model = build_model(load_checkpoint(path)["arch"])
-    model.trained_size = load_weights(model, path).get("config", {}).get("size")
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["arch"])
+    model.trained_size = load_weights(model, path, ckpt).get("config", {}).get("size")
     model.name = name
     return model.to(device).to(memory_format=torch.channels_last).eval()
 
@@ -881,7 +882,7 @@ def evaluate(model, pairs, cfg, quiet=False, on_pair=None) -> list:
                      "inliers": int(reg.final.inliers.sum()), "status": pair_status(errors), "seconds": seconds,
                      "first_stage_inliers": int(reg.first.inliers.sum()),
                      "second_stage_inliers": None if second is None else int(second.inliers.sum()),
-                     "implausible": implausibility(H, int((second or reg.first).inliers.sum()), query.shape),
+                     "implausible": reg.implausibility(second or reg.first),
                      "homography": None if H is None else (H / H[2, 2]).tolist()})
         if on_pair:
             on_pair(pair, query, refer, reg)
@@ -939,7 +940,9 @@ def self_warp_check(model, paths, cfg, warps=8, seed=SELF_WARP_SEED, quiet=False
             H = random_homography(rng, w, h)
             query = cv2.warpPerspective(refer, np.linalg.inv(H), (w, h), flags=cv2.INTER_LINEAR)
             S = cfg.size
-            (kq, dq), (kr, dr) = extract_features(model, [preprocess(query, S), preprocess(refer, S)], cfg)
+            cache = {}                                  # register computes the features once; read them back
+            reg = register(model, query, refer, cfg, cache, ("query", "refer"))
+            (_, (kq, dq)), (_, (kr, dr)) = cache["query"], cache["refer"]
             to_model = np.linalg.inv(model_to_original(refer.shape, S))
             truth = apply_homography(to_model @ H @ np.linalg.inv(to_model), kq)
             seen = ((truth >= 0) & (truth <= S - 1)).all(1)
@@ -948,7 +951,6 @@ def self_warp_check(model, paths, cfg, warps=8, seed=SELF_WARP_SEED, quiet=False
                 d = (dq[seen] ** 2).sum(1)[:, None] + (dr ** 2).sum(1)[None] - 2 * dq[seen] @ dr.T
                 nearest = kr[d.argmin(1)]
                 accuracy = float((np.linalg.norm(nearest - truth[seen], axis=1) <= 4).mean())
-            reg = register(model, query, refer, cfg)
             Hp = reg.protocol_H
             errors = (np.full(len(grid), np.inf) if Hp is None else
                       np.linalg.norm(apply_homography(Hp, grid) - apply_homography(H, grid), axis=1)) * 2912 / max(w, h)
@@ -1426,8 +1428,9 @@ def color_jitter(x, cfg, gen):
 
 
 def gaussian_blur(x, sigma):
-    """1 x C x H x W blurred by a Gaussian of `sigma` px as imgaug's GaussianBlur sizes it (kernel
-    side max(3.3 sigma, 5) below sigma 3, 2.9 sigma below 5, else 2.6 sigma; mirrored border)."""
+    """1 x C x H x W blurred by a Gaussian of `sigma` px, kernel sized approximately as imgaug's
+    GaussianBlur does (side max(3.3 sigma, 5) below sigma 3, then 2.9 / 2.6 sigma; the exact
+    switch points are ours, README "Deviations"), mirrored border."""
     if sigma <= 1e-3:
         return x
     side = max(3.3 * sigma, 5) if sigma < 3 else 2.9 * sigma if sigma < 5 else 2.6 * sigma
@@ -1796,10 +1799,10 @@ def check_ranks_agree(model, world):
     return digests[0]
 
 
-def load_weights(model, path):
-    """Weights of a checkpoint or shipped file (fp16 ones too) into `model`, which must be the
-    architecture the file declares. Raises UserError otherwise."""
-    ckpt = load_checkpoint(path)
+def load_weights(model, path, ckpt=None):
+    """Weights of a checkpoint or shipped file (fp16 ones too; `ckpt` when it is already read)
+    into `model`, which must be the architecture the file declares. Raises UserError otherwise."""
+    ckpt = ckpt or load_checkpoint(path)
     if ckpt["arch"] != model.arch:
         raise UserError(f"{path}: holds {ckpt['arch']!r} weights, not {model.arch!r}")
     try:
@@ -2007,11 +2010,10 @@ def aligned_query(query, refer, H):
     return cv2.warpPerspective(query, H, (w, h), flags=cv2.INTER_LINEAR)
 
 
-def checkerboard(query, refer, H, tiles=8):
-    """The query warped onto the reference by H, interleaved with it in a checkerboard."""
-    query, refer = to_uint8(query), to_uint8(refer)
+def checkerboard(aligned, refer, tiles=8):
+    """The aligned query (aligned_query) interleaved with the reference in a checkerboard."""
+    warped, refer = to_uint8(aligned), to_uint8(refer)
     h, w = refer.shape[:2]
-    warped = cv2.warpPerspective(query, H, (w, h))
     yy, xx = np.mgrid[0:h, 0:w]
     board = ((yy * tiles // h + xx * tiles // w) % 2 == 0)[..., None]
     return np.where(board, refer, warped)
@@ -2164,8 +2166,9 @@ def match_pair(model, query_path, refer_path, out, cfg, cache=None, quiet=False)
     write_png(written[0], draw_matches(query, refer, reg, title=("failed: " + why) if why else f"{used} stage"))
     if not why:
         written += [out / "aligned.png", out / "checkerboard.png"]
-        write_png(written[1], aligned_query(query, refer, stage.H))
-        write_png(written[2], checkerboard(query, refer, stage.H))
+        aligned = aligned_query(query, refer, stage.H)
+        write_png(written[1], aligned)
+        write_png(written[2], checkerboard(aligned, refer))
     write_atomic(out / "homography.json", json_bytes(doc))
     print("wrote " + ", ".join(str(p) for p in [out / "homography.json", *written]))
     return doc
@@ -2289,7 +2292,7 @@ def cmd_export(args):
     """Strip a training checkpoint down to its weights (fp16 by default) for shipping."""
     ckpt = load_checkpoint(args.checkpoint)
     model = build_model(ckpt["arch"])
-    load_weights(model, args.checkpoint)
+    load_weights(model, args.checkpoint, ckpt)
     if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
         raise UserError(f"{args.checkpoint}: holds non-finite weights (a diverged run); not exported")
     save_checkpoint(args.out, model, fp16=not args.fp32, epoch=ckpt.get("epoch", 0), config=ckpt.get("config", {}))

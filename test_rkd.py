@@ -836,6 +836,16 @@ def test_a_checkpoint_run_at_another_size_warns(tmp_path, synthetic_fire, tiny_c
     assert "trained at --size 64, running at 96" in capsys.readouterr().err
 
 
+def test_selfwarp_registers_a_photograph_to_known_warps_of_itself(tmp_path, synthetic_fire):
+    image = rkd.read_fire(synthetic_fire)[0][0].refer
+    out = tmp_path / "sw.json"
+    assert rkd.main(["selfwarp", str(image), "--weights", "sift", "--warps", "2", "--size", "384", "--quiet",
+                     "--json", str(out)]) == 0
+    run, = json.loads(out.read_text())["runs"]
+    assert run["pairs"] == 2 and run["nn_accuracy"] > 0.2 and run["AUC"] > 0.5     # chance is 0
+    assert all(r["status"] == "acceptable" for r in run["rows"])
+
+
 def test_image_without_keypoints_scores_failed(tmp_path):
     root = fire_tree(tmp_path / "black", ["S01", "S02"])            # black 16 px images
     r = run_cli("eval", "--fire", root, "--model", "sift", "--size", 64, "--quiet", "--json", tmp_path / "b.json")
