@@ -246,10 +246,18 @@ def preprocess(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def model_to_original(shape, size) -> np.ndarray:
-    """3x3 matrix taking model-pixel coordinates to original-pixel coordinates (pixel centres);
-    one scale for both axes, since preprocess pads to a square instead of stretching."""
+    """3x3 matrix taking model-pixel coordinates to original-pixel coordinates: one scale for
+    both axes (preprocess pads to a square), pixel index times scale, as SuperRetina's
+    predictor maps its keypoints (`i[0] / model_image_width * image_width`)."""
     s = max(shape[:2]) / size
-    return np.array([[s, 0, (s - 1) / 2], [0, s, (s - 1) / 2], [0, 0, 1]], np.float64)
+    return np.diag([s, s, 1.0])
+
+
+def keypoints_to_original(points, shape, size) -> np.ndarray:
+    """N x 2 keypoints in model px -> N x 2 in original px, truncated to whole pixels as
+    SuperRetina's predictor does (`int(x / 768 * W)`; README "Deviations" measured the exact
+    mapping, which it does not beat)."""
+    return np.floor(apply_homography(model_to_original(shape, size), points))
 
 
 def apply_homography(H, pts) -> np.ndarray:
@@ -569,24 +577,31 @@ def detect_keypoints(heat, radius, threshold, border=0, top_k=None):
     return out
 
 
-def pixels_to_grid(points, h, w):
-    """N x 2 pixel positions (x, y; pixel centres) -> N x 2 grid_sample coordinates for an
-    H x W image with align_corners=False: pixel x covers [x - 0.5, x + 0.5] of the extent."""
+def pixels_to_grid(points, h, w, align_corners=False):
+    """N x 2 pixel positions (x, y) -> N x 2 grid_sample coordinates in [-1, 1] for an H x W
+    extent. align_corners=False: pixel x covers [x - 0.5, x + 0.5] (images, warps);
+    align_corners=True: pixel 0 and pixel W - 1 are the extent's ends (descriptors, below)."""
+    if align_corners:
+        return torch.stack([points[:, 0] / (w - 1) * 2 - 1, points[:, 1] / (h - 1) * 2 - 1], -1)
     return torch.stack([(points[:, 0] + 0.5) / w * 2 - 1, (points[:, 1] + 0.5) / h * 2 - 1], -1)
 
 
-def sample_descriptors(desc, points, image_hw):
-    """Bilinear descriptors at pixel positions, re-normalised.
+def sample_descriptors(desc, points):
+    """Bilinear descriptors at keypoints, re-normalised, as SuperRetina's sample_keypoint_desc:
+    a keypoint at image pixel x reads the 1/8 map at x / (8 w - 1) of its width with
+    align_corners=True (at 768 px and a 96-cell map, pixel 0 -> cell 0, pixel 767 -> cell 95).
 
-    desc: B x D x H/8 x W/8; points: list of N_b x 2 (x, y) in image pixels -> list of N_b x D."""
-    h, w = image_hw
+    desc: B x D x h x w (1/8 of the image); points: list of N_b x 2 (x, y) image px
+    -> list of N_b x D unit vectors."""
+    h8, w8 = desc.shape[-2:]
     out = []
     for b, p in enumerate(points):
         if len(p) == 0:
             out.append(desc.new_zeros(0, desc.shape[1]))
             continue
-        grid = pixels_to_grid(p, h, w)           # the 1/8 map spans the same extent
-        d = F.grid_sample(desc[b:b + 1].float(), grid.view(1, 1, -1, 2), mode="bilinear", align_corners=False)
+        grid = pixels_to_grid(p, 8 * h8, 8 * w8, align_corners=True)
+        d = F.grid_sample(desc[b:b + 1].float(), grid.view(1, 1, -1, 2), mode="bilinear",
+                          align_corners=True)
         out.append(F.normalize(d[0, :, 0].t(), dim=1))
     return out
 
@@ -624,7 +639,7 @@ def extract_features(model, images, cfg):
     with autocast(device, cfg.precision):
         heat, desc = model(batch)
     points = [p for p, _ in detect_keypoints(heat, cfg.nms_radius, cfg.nms_threshold, cfg.border, cfg.max_keypoints)]
-    descs = sample_descriptors(desc, points, batch.shape[-2:])
+    descs = sample_descriptors(desc, points)
     return [(p.cpu().numpy(), d.cpu().numpy()) for p, d in zip(points, descs)]
 
 
@@ -735,10 +750,10 @@ def register(model, query, refer, cfg, cache=None, keys=None) -> Registration:
         (q, (kq, dq)), (r, (kr, dr)) = cache[keys[0]], cache[keys[1]]
     to_q, to_r = model_to_original(query.shape, S), model_to_original(refer.shape, S)
     scale = max(refer.shape[:2]) / S                                     # original px per model px
-    kr_orig = apply_homography(to_r, kr)
+    kr_orig = keypoints_to_original(kr, refer.shape, S)
     ratio = cfg.sift_ratio if isinstance(model, Sift) else cfg.ratio
     m = match_descriptors(dq, dr, ratio)
-    pq, pr = apply_homography(to_q, kq[m[:, 0]]), kr_orig[m[:, 1]]
+    pq, pr = keypoints_to_original(kq[m[:, 0]], query.shape, S), kr_orig[m[:, 1]]
     H1, inliers1 = estimate_homography(pq, pr, cfg, scale)
     first = Stage(H1, pq, pr, inliers1)
     second = None
@@ -747,7 +762,7 @@ def register(model, query, refer, cfg, cache=None, keys=None) -> Registration:
         warped = cv2.warpPerspective(q, H_model, (S, S), flags=cv2.INTER_LINEAR)
         (kw, dw), = extract_features(model, [warped], cfg)
         m2 = match_descriptors(dw, dr, ratio)
-        pw = apply_homography(to_r, kw[m2[:, 0]])                       # warped query, in refer's frame
+        pw = keypoints_to_original(kw[m2[:, 0]], refer.shape, S)        # warped query, in refer's frame
         H2, inliers2 = estimate_homography(pw, kr_orig[m2[:, 1]], cfg, scale)
         # second-stage matches are drawn at their places in the query
         second = Stage(None if H2 is None else H2 @ first.H, apply_homography(np.linalg.inv(first.H), pw),
@@ -1610,8 +1625,8 @@ def progressive_keypoint_expansion(heat, heat_aug, desc, desc_aug, A, labels, va
     geometric, moved = candidates[keep][:cfg.max_geometric], moved[keep][:cfg.max_geometric]
     content = geometric[:0]
     if len(geometric) > 1:
-        d = sample_descriptors(desc[None], [geometric], (h, w))[0]
-        d_aug = sample_descriptors(desc_aug[None], [moved], (h, w))[0]
+        d = sample_descriptors(desc[None], [geometric])[0]
+        d_aug = sample_descriptors(desc_aug[None], [moved])[0]
         near = torch.cdist(d, d_aug, compute_mode="donot_use_mm_for_euclid_dist").topk(2, largest=False)
         own = near.indices[:, 0] == torch.arange(len(geometric), device=d.device)
         content = geometric[own & (near.values[:, 0] < cfg.content_ratio * near.values[:, 1])]
@@ -1641,9 +1656,8 @@ def pooled_triplet_loss(anchor_desc, positive_desc, anchor_points, positive_poin
     turns the loss off for the whole batch."""
     if any(len(p) > cfg.max_descriptor_points for p in anchor_points):
         return anchor_desc.sum() * 0
-    hw = (anchor_desc.shape[-2] * 8, anchor_desc.shape[-1] * 8)
-    anchors = sample_descriptors(anchor_desc, anchor_points, hw)
-    positives = sample_descriptors(positive_desc, positive_points, hw)
+    anchors = sample_descriptors(anchor_desc, anchor_points)
+    positives = sample_descriptors(positive_desc, positive_points)
     groups = torch.cat([torch.full((len(p),), i, device=anchor_desc.device) for i, p in enumerate(anchor_points)])
     return triplet_loss(torch.cat(anchors), torch.cat(positives), groups, cfg, gen)
 
@@ -1729,12 +1743,24 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string from /proc/cpuinfo (Linux), e.g. AuthenticAMD; "" elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def resolve_precision(name, device):
-    """--precision -> fp32 | bf16 | fp16. auto: bf16 where the hardware runs it natively fast --
-    CUDA with bf16 support, or a CPU with AMX tiles -- else fp32. A CPU with AVX-512 BF16 alone
-    is not enough: on the development machine's (Xeon, no AMX) bf16 convolutions ran 1.6x slower
-    than fp32 (`rkd.py bench`), so there auto stays fp32; ask for bf16 explicitly where bench
-    says it pays. fp16 needs CUDA (it trains with a gradient scaler)."""
+    """--precision -> fp32 | bf16 | fp16. fp16 needs CUDA (it trains with a gradient scaler).
+    auto: bf16 where the hardware runs it natively fast, else fp32 -- CUDA with bf16 support; a
+    CPU with AMX tiles; an AMD CPU with AVX-512 BF16 (Zen 4: `rkd.py bench`, 2 threads, measured
+    channels_last + bf16 3.0x fp32 for the LK teacher's forward and 2.4x for its training step).
+    An Intel CPU with AVX-512 BF16 but no AMX stays fp32: on one (Xeon) bf16 convolutions ran
+    slower than fp32 (0.89x forward). Ask for bf16 explicitly where bench says it pays."""
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs CUDA; on a CPU use fp32 or bf16")
     if name != "auto":
@@ -1742,7 +1768,8 @@ def resolve_precision(name, device):
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if amx else "fp32"
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16" if amx or (avx512_bf16 and cpu_vendor() == "AuthenticAMD") else "fp32"
 
 
 def init_distributed(device):

@@ -116,13 +116,18 @@ def test_nms_resuppression_recovers_a_peak_hidden_by_a_stronger_ones_window():
     assert kept[0, 0, 20, 10] == 0.9 and kept[0, 0, 20, 16] == 0 and abs(kept[0, 0, 20, 22].item() - 0.7) < 1e-6
 
 
-def test_descriptors_are_sampled_at_cell_centres_and_normalised():
+def test_descriptors_are_sampled_as_superretina_and_normalised():
+    # sample_keypoint_desc: x / (8 w - 1) with align_corners=True, so on a 2 x 2 map of a
+    # 16 px image pixel 0 reads cell 0, pixel 15 reads cell 1, and pixel 7.5 their mean
     desc = torch.zeros(1, 4, 2, 2)
     for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         desc[0, k, i, j] = 3.0                                        # cell (i, j) holds one-hot k
-    pts = torch.tensor([[3.5, 3.5], [11.5, 3.5], [3.5, 11.5], [11.5, 11.5]])  # centres of the 8 px cells
-    d, = rkd.sample_descriptors(desc, [pts], (16, 16))
-    assert torch.allclose(d, torch.eye(4), atol=1e-6)
+    pts = torch.tensor([[0.0, 0.0], [15.0, 0.0], [0.0, 15.0], [15.0, 15.0], [7.5, 0.0], [5.0, 0.0]])
+    d, = rkd.sample_descriptors(desc, [pts])
+    assert torch.allclose(d[:4], torch.eye(4), atol=1e-6)
+    assert torch.allclose(d[4], torch.tensor([1.0, 1.0, 0, 0]) / 2 ** 0.5, atol=1e-6)
+    w = 5.0 / 15.0                                                    # weight of cell 1 at pixel 5
+    assert torch.allclose(d[5], torch.nn.functional.normalize(torch.tensor([1 - w, w, 0, 0]), dim=0), atol=1e-6)
 
 
 def test_matching_ratio_and_homography():
