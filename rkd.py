@@ -308,7 +308,10 @@ class DetectorDecoder(nn.Module):
         y = self.up3(up(x4, x3))
         y = self.up2(up(y, x2))
         y = self.up1(up(y, x1))
-        return torch.sigmoid(self.head(y).float())           # B x 1 x H x W, fp32 under autocast
+        # the 1x1 head runs in fp32 even under bf16 autocast: bf16 logits (8-bit mantissa) make
+        # flat tops of equal scores, and NMS then moves keypoints by whole pixels
+        with torch.autocast(y.device.type, enabled=False):
+            return torch.sigmoid(self.head(y.float()))      # B x 1 x H x W, fp32
 
 
 class DescriptorHead(nn.Module):
