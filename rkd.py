@@ -3,24 +3,40 @@
 
 Two fundus photographs of the same eye are registered by detecting keypoints (vessel
 bifurcations and crossings), describing them, matching the descriptors and fitting a
-homography. The file reads top to bottom in the order the data flows:
+homography. The file reads top to bottom: first what the two papers describe, in the order the
+data flows, then what this project adds around them, then the command line.
 
-  1. Configuration ............... every constant named once
-  2. Preprocessing ............... SuperRetina, implementation details (green, CLAHE, gamma)
-  3. Networks .................... SuperRetina, network architecture; RKD, the LK teacher and
-                                   the transformer student
-  4. Inference pipeline .......... SuperRetina, keypoint detection / description at test time
-                                   and its two-stage "matching trick"
-  5. FIRE evaluation ............. FIRE (Hernandez-Matas et al. 2017), protocol as SuperRetina
-                                   and RKD report it (AUC over 1..25 px per category, mAUC)
-  6. Synthetic fundus generator .. ours: the embedded benchmark and exact keypoint labels
-  7. Training data ............... SuperRetina's labelled ("Lab") layout, vessel-map junctions,
-                                   unlabelled folders, synthetic images
-  8. Losses and PKE .............. SuperRetina, semi-supervised training: Dice detector loss,
-                                   progressive keypoint expansion, triplet descriptor loss
-  9. Training loops .............. train-cnn (SuperRetina's training), distill (RKD's reverse
-                                   distillation; Hajabdollahi et al. 2020 for large-to-small), DDP
- 10. Command line
+The papers
+  1. Configuration ................ every constant named once
+  2. Preprocessing ................ SuperRetina, implementation details (green, CLAHE, gamma)
+  3. Networks ..................... SuperRetina, network architecture; RKD, the LK teacher
+                                    and the transformer student
+  4. Inference pipeline ........... SuperRetina, keypoint detection / description at test
+                                    time and its two-stage "matching trick"
+  5. FIRE evaluation .............. FIRE (Hernandez-Matas et al. 2017), protocol as
+                                    SuperRetina and RKD report it (AUC over 1..25 px per
+                                    category, mAUC)
+  6. Losses and PKE ............... SuperRetina, semi-supervised training: Dice detector loss,
+                                    progressive keypoint expansion, triplet descriptor loss;
+                                    RKD's knowledge terms
+  7. Training loops ............... train-cnn (SuperRetina's training), distill (RKD's reverse
+                                    distillation; Hajabdollahi et al. 2020 for large-to-small),
+                                    one process or DDP
+This project's own (in neither paper)
+  8. Synthetic fundus generator ... the embedded benchmark and exact keypoint labels
+  9. Training data ................ dataset layouts (SuperRetina's Lab layout, DRIVE, HRF,
+                                    CHASE_DB1, unlabelled folders), vessel-junction labels,
+                                    the in-memory training set
+ 10. Self-warp validation ......... held-out photographs registered to known random warps
+                                    of themselves
+ 11. Plausibility bar ............. when match trusts a homography (exit 0)
+ 12. Checkpoints .................. self-describing files, shipped weights, fp16 -> fp32
+ 13. Files and errors ............. image reading checks, atomic writes, strict JSON,
+                                    one-line errors, progress bars
+ 14. Pictures ..................... matches, aligned query, checkerboard, success curves
+The command line
+ 15. Command line ................. eval, match, train-cnn, distill, selfwarp, labels, synth,
+                                    export, bench
 
 Papers: Liu et al., "Semi-Supervised Keypoint Detector and Descriptor for Retinal Image
 Matching" (SuperRetina, ECCV 2022); Nasser et al., "Reverse Knowledge Distillation: Training a
@@ -51,10 +67,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+
 # =============================================================================================
 # 1. Configuration
 # =============================================================================================
-
 
 @dataclass
 class Config:
@@ -123,105 +139,9 @@ ATTENTION_WINDOW = 256                            # px: the student's ViT attend
 DEFAULT_ORDER = ("lk", "student", "superretina", "direct")   # best first, by validation (weights/README)
 
 
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with a non-zero exit, never a traceback."""
-
-
-def progress(iterable, desc, quiet=False, **kw):
-    # disable=None: no bars when stderr is not a terminal (logs, pipes, CI)
-    return tqdm(iterable, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True, **kw)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path, data: bytes):
-    """Write to a temporary name beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~current_umask())      # mkstemp makes 0600; give what the umask gives
-        os.replace(tmp, path)
-    except BaseException as e:                      # Ctrl-C included: leave no temporary behind
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-
-
-def json_bytes(doc) -> bytes:
-    """Strict JSON (RFC 8259): NaN and infinities become null, numpy scalars plain numbers;
-    strings are written as they are."""
-    def clean(v):
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, (np.integer, np.floating)):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
-    return json.dumps(clean(doc), indent=1, allow_nan=False).encode()
-
-
-def write_png(path, image):
-    write_atomic(path, cv2.imencode(".png", image)[1].tobytes())
-
-
-def check_writable(path):
-    """Fail before the work, not after it, when an output cannot be written."""
-    parent = Path(path).parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"cannot write {path}: permission denied")
-
-
 # =============================================================================================
-# 2. Image input and preprocessing (SuperRetina, implementation details)
+# 2. Preprocessing
 # =============================================================================================
-
-def read_image(path) -> np.ndarray:
-    """H x W x 3 image in its own bit depth (8-bit, 16-bit -- 12-bit data stored in 16 bits
-    too -- or float), grey images repeated to 3 channels, alpha dropped. A file OpenCV cannot
-    decode, or a JPEG or PNG cut short (OpenCV would only warn), is a UserError."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-    except cv2.error:                               # e.g. larger than OpenCV's pixel limit
-        image = None
-    # cut short: no end-of-image marker after the last start-of-scan (JPEG), or no IEND (PNG)
-    truncated = ((data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") <= data.rfind(b"\xff\xda")) or
-                 (data[:4] == b"\x89PNG" and b"IEND" not in data[-64:]))
-    if truncated:
-        raise UserError(f"{path}: not a readable image (truncated)")
-    if image is None:
-        raise UserError(f"{path}: not a readable image (OpenCV cannot decode it: not an image, or a format "
-                        "its build lacks; convert it to PNG or TIFF)")
-    return image
-
-
-def to_uint8(image) -> np.ndarray:
-    """An image of any bit depth scaled to 8 bits for pictures (its own maximum -> 255)."""
-    if image.dtype == np.uint8:
-        return image
-    top = float(image.max()) or 1.0
-    return np.clip(image.astype(np.float32) * (255.0 / top), 0, 255).astype(np.uint8)
-
 
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     """Fundus photograph (H x W x 3, any bit depth) -> size x size float32 in [0, 1], as
@@ -267,7 +187,7 @@ def apply_homography(H, pts) -> np.ndarray:
 
 
 # =============================================================================================
-# 3. Networks (SuperRetina's architecture; RKD's LK teacher and transformer student)
+# 3. Networks
 # =============================================================================================
 
 def double_conv(cin, cout, act=None):
@@ -461,71 +381,8 @@ def count_flops(model, size):
     return counter.get_total_flops()
 
 
-# ---- checkpoints: self-describing, atomic, loaded with weights_only=True ----------------------
-
-def save_checkpoint(path, model, **extra):
-    """{format, arch, weights, ...}. fp16=True in `extra` stores a compact weights-only file."""
-    raw = model.module if hasattr(model, "module") else model
-    fp16 = extra.pop("fp16", False)
-    state = {k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu() for k, v in raw.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "arch": raw.arch, "model": state, **extra}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def resolve_weights(name):
-    """A shipped model's short name (lk, student, ...) or a path -> Path."""
-    if name in SHIPPED:
-        path = WEIGHTS_DIR / SHIPPED[name]
-        if not path.exists():
-            raise UserError(f"shipped model {name!r} is not in {WEIGHTS_DIR} (train it, see README)")
-        return path
-    path = Path(name)
-    if not path.exists():
-        raise UserError(f"{name}: no such checkpoint (shipped names: {', '.join(SHIPPED)}, or 'sift')")
-    return path
-
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # torch raises many types for a file that is not a checkpoint
-        raise UserError(f"{path}: not a readable rkd checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("arch") not in ARCHS:
-        raise UserError(f"{path}: not an rkd checkpoint (no '{CHECKPOINT_FORMAT}' header)")
-    return ckpt
-
-
-def load_model(name, device="cpu"):
-    """Shipped name, checkpoint path or 'sift' -> model in eval mode (fp16 files load as fp32)."""
-    if name == "sift":
-        return Sift()
-    path = resolve_weights(name)
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt["arch"])
-    model.trained_size = load_weights(model, path, ckpt).get("config", {}).get("size")
-    model.name = name
-    return model.to(device).to(memory_format=torch.channels_last).eval()
-
-
-def warn_size(model, size):
-    """A checkpoint trained at one --size and run at another sees vessels at another scale."""
-    trained = getattr(model, "trained_size", None)
-    if trained and trained != size:
-        print(f"warning: {model.name} was trained at --size {trained}, running at {size}: vessels appear at another "
-              "scale than it learned", file=sys.stderr)
-
-
-def default_model_name():
-    for name in DEFAULT_ORDER:
-        if (WEIGHTS_DIR / SHIPPED[name]).exists():
-            return name
-    return "sift"
-
-
 # =============================================================================================
-# 4. Inference pipeline: detect -> describe -> match -> homography (SuperRetina at test time)
+# 4. Inference pipeline
 # =============================================================================================
 
 def simple_nms(scores, radius, rounds=2):
@@ -663,39 +520,6 @@ def estimate_homography(pq, pr, cfg, px_scale=1.0):
     return H, mask.ravel().astype(bool)
 
 
-# A homography a user can trust (match's exit 0) must pass these: two photographs of one eye
-# differ by a moderate zoom and rotation and a little perspective, never by a mirror or a fold.
-MIN_INLIERS = 10                  # fewer inliers: the fit may be chance (4 points fit anything)
-SCALE_RANGE = (0.5, 2.0)          # local scale of the query in the reference, at its corners
-MAX_ANISOTROPY = 1.5              # ratio of the local Jacobian's singular values (shear, squash)
-
-
-def implausibility(H, inliers, query_shape) -> str:
-    """Why a registration cannot be trusted, or "" when it can. H: 3x3 query px -> reference
-    px; inliers: number of inlier matches; query_shape: (H, W, ...) of the query photograph.
-    The local Jacobian of H is checked at the query's corners and centre."""
-    if H is None:
-        return "no homography (fewer than 4 matches)"
-    if inliers < MIN_INLIERS:
-        return f"only {inliers} inliers (fewer than {MIN_INLIERS})"
-    h, w = query_shape[:2]
-    H = H / H[2, 2]
-    for x, y in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1), ((w - 1) / 2, (h - 1) / 2)):
-        d = H[2, 0] * x + H[2, 1] * y + 1
-        if d <= 0:
-            return "the homography folds the query through infinity (extreme perspective)"
-        u, v = (H[0, 0] * x + H[0, 1] * y + H[0, 2]) / d, (H[1, 0] * x + H[1, 1] * y + H[1, 2]) / d
-        J = np.array([[H[0, 0] - u * H[2, 0], H[0, 1] - u * H[2, 1]], [H[1, 0] - v * H[2, 0], H[1, 1] - v * H[2, 1]]]) / d
-        if np.linalg.det(J) <= 0:
-            return "the homography mirrors the query"
-        s1, s2 = np.linalg.svd(J, compute_uv=False)
-        if not SCALE_RANGE[0] <= math.sqrt(s1 * s2) <= SCALE_RANGE[1]:
-            return f"implausible scale change ({math.sqrt(s1 * s2):.2f}x, allowed {SCALE_RANGE[0]}-{SCALE_RANGE[1]}x)"
-        if s1 / s2 > MAX_ANISOTROPY:
-            return f"implausible shear or squash (axes differ {s1 / s2:.2f}x, allowed {MAX_ANISOTROPY}x)"
-    return ""
-
-
 @dataclass
 class Stage:
     """One matching stage: its homography and the matches it was fitted to (original px)."""
@@ -771,7 +595,7 @@ def register(model, query, refer, cfg, cache=None, keys=None) -> Registration:
 
 
 # =============================================================================================
-# 5. FIRE evaluation (Hernandez-Matas et al. 2017; protocol as SuperRetina and RKD report it)
+# 5. FIRE evaluation
 # =============================================================================================
 
 @dataclass
@@ -781,13 +605,6 @@ class FirePair:
     query: Path                    # XNN_2.jpg
     refer: Path                    # XNN_1.jpg
     points: np.ndarray             # 10 x 4: x_ref y_ref x_query y_query, original pixels
-
-
-def read_text(path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")     # a byte-order mark is not data
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def read_control_points(path) -> np.ndarray:
@@ -910,7 +727,7 @@ def evaluate(model, pairs, cfg, quiet=False, on_pair=None) -> list:
 
 
 def validation_mauc(model, fire_dir, cfg):
-    """Score a model during training with the eval code (section 9 keeps the best epoch)."""
+    """Score a model during training with the eval code (section 7 keeps the best epoch)."""
     pairs, _ = read_fire(fire_dir)
     was_training = model.training
     model.eval()
@@ -919,456 +736,8 @@ def validation_mauc(model, fire_dir, cfg):
     return result
 
 
-# ---- validation that is not FIRE: self-warps of held-out photographs ---------------------------
-
-SELF_WARP_SEED = 7
-
-
-def random_homography(rng, w, h, degrees=10.0, zoom=0.1, shift=0.08, perspective=0.1) -> np.ndarray:
-    """A random view change about the image centre, of FIRE category S's size: rotation up to
-    `degrees`, zoom 1 +/- `zoom`, shift up to `shift` of the side, and corner perspective up to
-    `perspective` (a fraction of the side). -> 3 x 3, query px -> reference px."""
-    centre = np.array([[1, 0, -(w - 1) / 2], [0, 1, -(h - 1) / 2], [0, 0, 1.0]])
-    a, s = math.radians(rng.uniform(-degrees, degrees)), rng.uniform(1 - zoom, 1 + zoom)
-    t = rng.uniform(-shift, shift, 2) * [w, h]
-    p = rng.uniform(-perspective, perspective, 2) / (max(w, h) / 2)
-    M = np.array([[s * math.cos(a), -s * math.sin(a), t[0]], [s * math.sin(a), s * math.cos(a), t[1]], [p[0], p[1], 1]])
-    return np.linalg.inv(centre) @ M @ centre
-
-
-def self_warp_check(model, paths, cfg, warps=8, seed=SELF_WARP_SEED, quiet=False) -> list:
-    """Register each photograph to a copy of itself under `warps` known random homographies.
-
-    Per pair: `nn_accuracy`, the share of the query's keypoints that land inside the reference
-    whose nearest reference descriptor sits within 4 model px of their true place; `mean_error`,
-    the registration error over a 5 x 5 grid on the central 80 % of the query, in px of a
-    2912 px frame (FIRE's scale, so that the 1..25 px AUC means the same); and `status` as on
-    FIRE. Uses `register` and `extract_features`, the pipeline eval and match use."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for path in progress(paths, f"self-warp {getattr(model, 'name', model.arch)}", quiet):
-        refer = read_image(path)
-        h, w = refer.shape[:2]
-        gx, gy = np.meshgrid(np.linspace(0.1, 0.9, 5) * (w - 1), np.linspace(0.1, 0.9, 5) * (h - 1))
-        grid = np.c_[gx.ravel(), gy.ravel()]
-        for k in range(warps):
-            H = random_homography(rng, w, h)
-            query = cv2.warpPerspective(refer, np.linalg.inv(H), (w, h), flags=cv2.INTER_LINEAR)
-            S = cfg.size
-            cache = {}                                  # register computes the features once; read them back
-            reg = register(model, query, refer, cfg, cache, ("query", "refer"))
-            (_, (kq, dq)), (_, (kr, dr)) = cache["query"], cache["refer"]
-            to_model = np.linalg.inv(model_to_original(refer.shape, S))
-            truth = apply_homography(to_model @ H @ np.linalg.inv(to_model), kq)
-            seen = ((truth >= 0) & (truth <= S - 1)).all(1)
-            accuracy = float("nan")
-            if seen.any() and len(kr):
-                d = (dq[seen] ** 2).sum(1)[:, None] + (dr ** 2).sum(1)[None] - 2 * dq[seen] @ dr.T
-                nearest = kr[d.argmin(1)]
-                accuracy = float((np.linalg.norm(nearest - truth[seen], axis=1) <= 4).mean())
-            Hp = reg.protocol_H
-            errors = (np.full(len(grid), np.inf) if Hp is None else
-                      np.linalg.norm(apply_homography(Hp, grid) - apply_homography(H, grid), axis=1)) * 2912 / max(w, h)
-            rows.append({"name": f"{Path(path).stem}#{k}", "nn_accuracy": accuracy, "mean_error": float(errors.mean()),
-                         "status": pair_status(errors), "inliers": int(reg.final.inliers.sum())})
-    return rows
-
-
 # =============================================================================================
-# 6. Synthetic fundus generator (ours): exact keypoints, FIRE-like pairs, no download
-# =============================================================================================
-# A retina is drawn in "world" units (1 = radius of a camera's field of view): an optic disc, a
-# macula, and two vessel trees (arteries, veins) grown as random walks that branch. Its
-# keypoints are the trees' bifurcations plus artery/vein crossings, known exactly. A view is a
-# homography from world to image pixels, so every pair's ground truth is an exact homography.
-
-SYNTH_FRAME = 2912        # FIRE's frame, so that the 25 px thresholds mean what they mean on FIRE
-SYNTH_PAIRS = {"S": 4, "P": 4, "A": 4}
-SYNTH_SEED = 20240101
-
-
-def grow_vessels(rng, start, angle, width, depth, curl, segments, forks):
-    """Random-walk vessel from `start`; forks spawn thinner children (Murray-like width drop)."""
-    p, steps = np.array(start, np.float64), 0
-    while width > 0.0025 and steps < 140 and np.hypot(*p) < 2.2:
-        angle += curl + rng.normal(0, 0.08)
-        q = p + 0.02 * np.array([np.cos(angle), np.sin(angle)])
-        segments.append((p, q, width))
-        p, steps = q, steps + 1
-        if depth < 5 and steps > 6 and rng.random() < 0.08:
-            side = rng.choice([-1, 1])
-            forks.append(p.copy())
-            grow_vessels(rng, p, angle + side * rng.uniform(0.5, 1.1), width * 0.7, depth + 1,
-                         -side * abs(curl) * 0.5, segments, forks)
-            width *= 0.85
-            angle -= side * 0.15
-        width *= 0.995
-
-
-def segment_crossings(a, b) -> np.ndarray:
-    """Intersection points between two sets of segments (each K x 2 x 2) -> N x 2."""
-    p, r = a[:, None, 0], a[:, None, 1] - a[:, None, 0]
-    q, s = b[None, :, 0], b[None, :, 1] - b[None, :, 0]
-    denom = r[..., 0] * s[..., 1] - r[..., 1] * s[..., 0]
-    qp = q - p
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (qp[..., 0] * s[..., 1] - qp[..., 1] * s[..., 0]) / denom
-        u = (qp[..., 0] * r[..., 1] - qp[..., 1] * r[..., 0]) / denom
-    hit = (np.abs(denom) > 1e-12) & (t >= 0) & (t < 1) & (u >= 0) & (u < 1)
-    i, j = np.nonzero(hit)
-    return (p[i, 0] + t[i, j, None] * r[i, 0]).reshape(-1, 2)
-
-
-def synthetic_retina(seed) -> dict:
-    rng = np.random.default_rng(seed)
-    disc = np.array([rng.uniform(0.25, 0.45), rng.uniform(-0.1, 0.1)])
-    trees = {}
-    for kind, width, offset in (("artery", 0.011, -0.25), ("vein", 0.015, 0.25)):
-        segments, forks = [], []
-        for heading, curl in ((np.pi - 0.9, -0.012), (np.pi + 0.9, 0.012), (-0.6, 0.01), (0.6, -0.01)):
-            grow_vessels(rng, disc, heading + offset * 0.3 + rng.normal(0, 0.1), width, 0,
-                         curl * rng.uniform(0.7, 1.4), segments, forks)
-        trees[kind] = (segments, np.array(forks).reshape(-1, 2))
-    seg = {k: np.array([[s[0], s[1]] for s in v[0]]) for k, v in trees.items()}
-    crossings = segment_crossings(seg["artery"], seg["vein"])
-    keypoints = np.concatenate([trees["artery"][1], trees["vein"][1], crossings])
-    keypoints = keypoints[np.linalg.norm(keypoints - disc, axis=1) > 0.12]   # not inside the disc
-    return {"rng_seed": seed, "disc": disc, "macula": disc - [0.55, 0.0], "trees": trees, "keypoints": keypoints}
-
-
-def render_view(world, H, size, rng, fov_radius, photometric=1.0, anatomy=0.0) -> np.ndarray:
-    """Draw the retina seen through world->pixel homography H as a size x size BGR fundus photo.
-    `photometric` > 1 strengthens illumination/contrast changes; `anatomy` > 0 thickens vessels
-    and adds lesions (FIRE's category A: images taken years apart)."""
-    scale = np.sqrt(abs(np.linalg.det(H[:2, :2])))           # px per world unit, roughly
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    c = (size - 1) / 2
-    r = np.hypot(xx - c, yy - c) / fov_radius
-    shade = rng.uniform(0.75, 1.0) * (1 - 0.35 * photometric * r ** 2)   # vignetting
-    tilt = rng.normal(0, 0.08 * photometric, 2)
-    shade = shade * (1 + tilt[0] * (xx - c) / size + tilt[1] * (yy - c) / size)
-    texture = cv2.resize(rng.normal(0, 1, (size // 64 + 2, size // 64 + 2)).astype(np.float32), (size, size),
-                         interpolation=cv2.INTER_CUBIC)
-    green = 0.45 * shade * (1 + 0.05 * texture)
-    blobs = np.zeros((size, size), np.float32)
-    for centre, radius, gain in ((world["disc"], 0.11, 0.9), (world["macula"], 0.2, -0.35)):
-        (x, y), = apply_homography(H, [centre])
-        blobs += gain * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * (radius * scale) ** 2))
-    green = green * (1 + blobs)
-    vessels = np.zeros((size, size), np.float32)
-    thicken = 1 + 0.25 * anatomy
-    for kind, darkness in (("artery", 0.35), ("vein", 0.5)):
-        segments = world["trees"][kind][0]
-        ends = apply_homography(H, np.array([[a, b] for a, b, _ in segments]).reshape(-1, 2)).reshape(-1, 2, 2)
-        for (a, b), (_, _, w) in zip(np.round(ends * 16).astype(np.int64), segments):
-            cv2.line(vessels, tuple(a), tuple(b), darkness, max(1, int(round(w * scale * thicken))), cv2.LINE_AA, 4)
-    vessels = cv2.GaussianBlur(vessels, (0, 0), max(0.6, size / 2912))
-    green = green * (1 - np.clip(vessels, 0, 0.8))
-    for _ in range(int(anatomy * rng.integers(4, 12))):        # lesions: dark haemorrhages, bright exudates
-        x, y = rng.uniform(0.2, 0.8, 2) * size
-        cv2.circle(green, (int(x), int(y)), int(rng.uniform(0.004, 0.015) * size), float(rng.choice([0.1, 0.8])), -1, cv2.LINE_AA)
-    green = green * rng.uniform(1 - 0.15 * photometric, 1 + 0.1 * photometric)
-    green += rng.normal(0, 0.01, green.shape).astype(np.float32)
-    fov = (r <= 1).astype(np.float32)
-    green = np.clip(green, 0, 1) * fov
-    bgr = np.stack([green * 0.35, green, np.clip(green * 1.6 + 0.15, 0, 1) * fov], -1)
-    return (bgr * 255).astype(np.uint8)
-
-
-def view_homography(centre, radius_px, size, angle=0.0, zoom=1.0, perspective=(0.0, 0.0)) -> np.ndarray:
-    """World -> pixel homography: the world point `centre` lands at the image centre."""
-    s = radius_px * zoom
-    ca, sa = np.cos(angle), np.sin(angle)
-    c = (size - 1) / 2
-    T = np.array([[s * ca, -s * sa, c], [s * sa, s * ca, c], [perspective[0], perspective[1], 1.0]])
-    return T @ np.array([[1, 0, -centre[0]], [0, 1, -centre[1]], [0, 0, 1]])
-
-
-def synthetic_pair(seed, category):
-    """One FIRE-like pair: (refer BGR, query BGR, 10 x 4 control points, true H query->refer)."""
-    rng = np.random.default_rng(seed)
-    world = synthetic_retina(seed)
-    radius = SYNTH_FRAME * 0.47
-    Hr = view_homography(rng.normal(0, 0.1, 2), radius, SYNTH_FRAME)
-    if category == "P":      # small overlap: the camera moves by about half a field radius
-        shift = rng.uniform(0.35, 0.5) * np.array([np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a)])
-    else:
-        shift = rng.normal(0, 0.06, 2)
-    centre = np.linalg.solve(Hr, [SYNTH_FRAME / 2, SYNTH_FRAME / 2, 1])
-    Hq = view_homography(centre[:2] / centre[2] + shift, radius, SYNTH_FRAME, angle=rng.normal(0, 0.08),
-                         zoom=rng.uniform(0.95, 1.05), perspective=rng.normal(0, 2e-6, 2))
-    photometric, anatomy = (2.0, 1.0) if category == "A" else (1.0, 0.0)
-    refer = render_view(world, Hr, SYNTH_FRAME, rng, radius)
-    query = render_view(world, Hq, SYNTH_FRAME, rng, radius, photometric, anatomy)
-    H = Hr @ np.linalg.inv(Hq)
-    # control points: keypoints seen by both cameras, well inside both fields of view, topped up
-    # with points on vessels where the overlap is small (category P)
-    c = (SYNTH_FRAME - 1) / 2
-    on_vessels = np.array([a for a, _, _ in world["trees"]["vein"][0]])
-    chosen = []
-    for candidates in (world["keypoints"], on_vessels):
-        pr, pq = apply_homography(Hr, candidates), apply_homography(Hq, candidates)
-        shared = (np.hypot(*(pr - c).T) < 0.9 * radius) & (np.hypot(*(pq - c).T) < 0.9 * radius)
-        chosen += [np.r_[pr[i], pq[i]] for i in rng.permutation(np.flatnonzero(shared))[:10 - len(chosen)]]
-    return refer, query, np.array(chosen), H / H[2, 2]
-
-
-def write_synthetic_fire(root, quiet=False, counts=None):
-    """Write the synthetic benchmark in FIRE's layout (+ the true homographies) under `root`."""
-    root = Path(root)
-    counts = counts or SYNTH_PAIRS
-    jobs = [(c, i) for c in FIRE_CATEGORIES for i in range(1, counts.get(c, 0) + 1)]
-    for c, i in progress(jobs, "synthetic pairs", quiet):
-        refer, query, points, H = synthetic_pair(SYNTH_SEED + 1000 * FIRE_CATEGORIES.index(c) + i, c)
-        name = f"{c}{i:02d}"
-        write_atomic(root / "Images" / f"{name}_1.jpg", cv2.imencode(".jpg", refer, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes())
-        write_atomic(root / "Images" / f"{name}_2.jpg", cv2.imencode(".jpg", query, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes())
-        write_atomic(root / "Ground Truth" / f"control_points_{name}_1_2.txt",
-                     "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in points).encode())
-        write_atomic(root / "Homographies" / f"{name}.txt", "".join(" ".join(f"{v:.12g}" for v in row) + "\n" for row in H).encode())
-    write_atomic(root / "SYNTHETIC.txt", b"rkd synthetic benchmark: procedural fundus pairs, exact ground truth\n")
-    return root
-
-
-def default_benchmark(quiet=False) -> Path:
-    """The embedded benchmark, generated once (fixed seed) and cached."""
-    root = Path(os.environ.get("RKD_CACHE", Path.home() / ".cache" / "rkd")) / "synthetic-fire-v1"
-    if not (root / "SYNTHETIC.txt").exists():
-        print(f"generating the synthetic benchmark once into {root}", file=sys.stderr)
-        write_synthetic_fire(root, quiet)
-    return root
-
-
-def synthetic_training_image(seed, size):
-    """One labelled training view: (BGR size x size, K x 2 keypoints in px) with random pose."""
-    rng = np.random.default_rng(seed)
-    world = synthetic_retina(seed)
-    radius = size * 0.47
-    H = view_homography(rng.normal(0, 0.3, 2), radius, size, angle=rng.uniform(-np.pi, np.pi), zoom=rng.uniform(0.8, 1.3))
-    category = rng.choice(["S", "A"], p=[0.7, 0.3])
-    image = render_view(world, H, size, rng, radius, *((2.0, 1.0) if category == "A" else (1.0, 0.0)))
-    points = apply_homography(H, world["keypoints"])
-    inside = np.hypot(*(points - (size - 1) / 2).T) < 0.97 * radius
-    return image, points[inside]
-
-
-# =============================================================================================
-# 7. Training data: Lab layout, vessel-map junctions, unlabelled folders, synthetic images
-# =============================================================================================
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".gif"}
-
-
-def image_files(folder):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such image folder")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def field_of_view(bgr, fov_path=None) -> np.ndarray:
-    """Field-of-view mask: the dataset's own when given, else the bright disc of the photograph."""
-    if fov_path is not None and Path(fov_path).exists():
-        mask = cv2.cvtColor(read_image(fov_path), cv2.COLOR_BGR2GRAY)
-        return mask > mask.max() / 2
-    mask = (to_uint8(bgr)[:, :, 2] > 25).astype(np.uint8)
-    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)) > 0
-
-
-def merge_close_points(points, radius) -> np.ndarray:
-    """Greedy clustering: points closer than `radius` become their mean (a crossing is seen by
-    thinning as two nearby three-way junctions)."""
-    points = [np.asarray(p, np.float64) for p in points]
-    merged = []
-    while points:
-        seed = points.pop(0)
-        group = [seed] + [p for p in points if np.linalg.norm(p - seed) < radius]
-        points = [p for p in points if np.linalg.norm(p - seed) >= radius]
-        merged.append(np.mean(group, 0))
-    return np.array(merged).reshape(-1, 2)
-
-
-def vessel_junctions(vessels, fov=None, merge_radius=10.0, fov_margin=10, ring_radius=6) -> np.ndarray:
-    """Bifurcations and crossings of a binary vessel map -> K x 2 (x, y) pixel positions.
-
-    Thin the map to a one-pixel skeleton (OpenCV's Zhang-Suen). Skeleton pixels with three or
-    more skeleton neighbours are candidates; a candidate is a branching point when a circle of
-    `ring_radius` px around it crosses the skeleton three or more times (a straight vessel
-    crosses it twice, a Y three times, an X four). Points within `merge_radius` are merged
-    (an X thins into two nearby junctions), and points near the FOV edge dropped."""
-    binary = (vessels > 127).astype(np.uint8) * 255
-    skeleton = cv2.ximgproc.thinning(binary, thinningType=cv2.ximgproc.THINNING_ZHANGSUEN) > 0
-    neighbours = cv2.filter2D(skeleton.astype(np.float32), -1, np.ones((3, 3), np.float32), borderType=cv2.BORDER_CONSTANT) - 1
-    ys, xs = np.nonzero(skeleton & (neighbours >= 3))
-    thick = np.pad(cv2.dilate(skeleton.astype(np.uint8), np.ones((3, 3), np.uint8)), ring_radius)
-    angles = np.linspace(0, 2 * np.pi, 16 * ring_radius, endpoint=False)
-    dx, dy = np.round(ring_radius * np.cos(angles)).astype(int), np.round(ring_radius * np.sin(angles)).astype(int)
-    ring = thick[ys[:, None] + ring_radius + dy, xs[:, None] + ring_radius + dx]      # candidates x samples
-    branches = ((ring == 1) & (np.roll(ring, 1, axis=1) == 0)).sum(1)               # runs of vessel on the ring
-    points = merge_close_points(np.c_[xs, ys][branches >= 3], merge_radius)
-    if fov is not None and len(points):
-        inner = cv2.erode(fov.astype(np.uint8), np.ones((2 * fov_margin + 1,) * 2, np.uint8)) > 0
-        points = points[inner[points[:, 1].astype(int), points[:, 0].astype(int)]]
-    return points
-
-
-@dataclass
-class Sample:
-    """One training image. points: K x 2 labels normalised to 0..1, or None when unlabelled."""
-    source: str
-    path: Path | None = None
-    points: np.ndarray | None = None
-    synthetic_seed: int | None = None
-
-
-def lab_samples(root, split="train"):
-    """SuperRetina's Lab layout: ImageData/, Annotations/ (x y rows in 0..1), ImageSets/<split>.txt."""
-    root = Path(root)
-    listing = root / "ImageSets" / f"{split}.txt"
-    if not listing.exists():
-        raise UserError(f"{root}: not in the Lab layout (missing ImageSets/{split}.txt)")
-    samples = []
-    for line in read_text(listing).splitlines():
-        if not line.strip():
-            continue
-        parts = [p.strip() for p in line.split(",")]
-        image = root / "ImageData" / parts[0]
-        points = None
-        if len(parts) > 1 and parts[1]:
-            rows = [r.split() for r in read_text(root / "Annotations" / parts[1]).splitlines() if r.strip()]
-            try:
-                points = np.array(rows, np.float64).reshape(-1, 2)
-            except ValueError:
-                raise UserError(f"{root / 'Annotations' / parts[1]}: rows must be 'x y' in 0..1") from None
-        samples.append(Sample("lab", image, points))
-    return samples
-
-
-def find_file(folder, stem):
-    """The image file in `folder` named `stem` with any image suffix, or None."""
-    return next((p for p in image_files(folder) if p.stem == stem), None) if Path(folder).is_dir() else None
-
-
-def vessel_map_triples(root) -> list:
-    """(image, vessel map, field-of-view mask or None) paths of a folder laid out as
-      this project's: images/ + vessels/ (+ fov/), same file stems;
-      DRIVE as its archive unpacks: training/ and test/, each images/NN_training.tif (or
-        NN_test.tif), 1st_manual/NN_manual1.gif, mask/NN_training_mask.gif -- the folder itself,
-        or its training/ or test/ part;
-      HRF's: images/NN_x.JPG, manual1/NN_x.tif, mask/NN_x_mask.tif;
-      CHASE_DB1's: one flat folder of Image_NNX.jpg beside Image_NNX_1stHO.png.
-    Raises UserError when the folder matches none of them."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root}: no such folder")
-    triples = []
-    if (root / "vessels").is_dir():                                          # this project's layout
-        for image in image_files(root / "images"):
-            vessels = find_file(root / "vessels", image.stem)
-            if vessels:
-                triples.append((image, vessels, find_file(root / "fov", image.stem)))
-    for part in (root, root / "training", root / "test"):                   # DRIVE
-        if (part / "1st_manual").is_dir():
-            for image in image_files(part / "images"):
-                number = image.stem.split("_")[0]
-                vessels = find_file(part / "1st_manual", f"{number}_manual1")
-                if vessels:
-                    triples.append((image, vessels, find_file(part / "mask", f"{image.stem}_mask")))
-    if (root / "manual1").is_dir():                                          # HRF
-        for image in image_files(root / "images"):
-            vessels = find_file(root / "manual1", image.stem)
-            if vessels:
-                triples.append((image, vessels, find_file(root / "mask", f"{image.stem}_mask")))
-    for image in image_files(root):                                          # CHASE_DB1
-        if not image.stem.endswith(("_1stHO", "_2ndHO")):
-            vessels = find_file(root, f"{image.stem}_1stHO")
-            if vessels:
-                triples.append((image, vessels, None))
-    if not triples:
-        raise UserError(f"{root}: no vessel maps found; expected images/ + vessels/ (same names), DRIVE's "
-                        "training/ or test/ (images/, 1st_manual/, mask/), HRF's images/ + manual1/ + mask/, or "
-                        "CHASE_DB1's Image_NNX.jpg beside Image_NNX_1stHO.png")
-    return triples
-
-
-def vessel_map_samples(root, cfg):
-    """Labelled samples of a folder of photographs with manual vessel maps (vessel_map_triples
-    names the layouts), labelled by vessel_junctions. The merge radius is cfg.nms_radius model
-    px at model size cfg.size."""
-    samples = []
-    for image, vessel_path, fov_path in vessel_map_triples(root):
-        bgr = read_image(image)
-        vessels = to_uint8(cv2.cvtColor(read_image(vessel_path), cv2.COLOR_BGR2GRAY))
-        fov = field_of_view(bgr, fov_path)
-        if vessels.shape != bgr.shape[:2] or fov.shape != bgr.shape[:2]:
-            raise UserError(f"{vessel_path}: vessel map or FOV mask is not the size of {image.name}")
-        radius = cfg.nms_radius * max(bgr.shape[:2]) / cfg.size
-        points = vessel_junctions(vessels, fov, radius, fov_margin=int(radius))
-        samples.append(Sample("vessels", image, (points + 0.5) / [bgr.shape[1], bgr.shape[0]]))
-    return samples
-
-
-def collect_samples(args, cfg):
-    samples = []
-    for root in args.lab or []:
-        samples += lab_samples(root)
-    for root in args.vessels or []:
-        samples += vessel_map_samples(root, cfg)
-    for folder in args.unlabelled or []:
-        samples += [Sample("unlabelled", p) for p in image_files(folder)]
-    samples += [Sample("synthetic", synthetic_seed=args.seed * 100003 + i) for i in range(args.synthetic)]
-    if not samples:
-        raise UserError("no training data: give --synthetic N, --lab DIR, --vessels DIR or --unlabelled DIR")
-    return samples
-
-
-class TrainingSet:
-    """All images preprocessed once at the model size and held in memory as uint8, with their
-    labels in model pixels; batches are random crops of them."""
-
-    def __init__(self, samples, size, quiet=False):
-        self.size, self.images, self.labels, self.blur_scale = size, [], [], []
-        digest = hashlib.sha256()
-        for s in progress(samples, "loading training images", quiet):
-            if s.synthetic_seed is not None:
-                bgr, pts = synthetic_training_image(s.synthetic_seed, size)
-                pts = (pts + 0.5) / size          # normalised like the Lab layout: pixel centre + 0.5
-                digest.update(f"synthetic {s.synthetic_seed}\n".encode())
-            else:
-                bgr, pts = read_image(s.path), s.points
-                # file name and size, never the absolute path: a run can move to another machine
-                digest.update(f"{s.source} {Path(s.path).name} {Path(s.path).stat().st_size} "
-                              f"{0 if pts is None else len(pts)}\n".encode())
-            self.images.append((preprocess(bgr, size) * 255).astype(np.uint8))
-            self.blur_scale.append(size / max(bgr.shape[:2]))    # model px per original px
-            # normalised label -> model px of the padded square: x * w * size / side - 0.5
-            h, w = bgr.shape[:2]
-            scale = np.array([w, h]) * size / max(h, w)
-            self.labels.append(None if pts is None else torch.tensor(pts * scale - 0.5, dtype=torch.float32))
-
-        self.fingerprint = digest.hexdigest()[:16]    # what a resumed run must find again
-
-    def __len__(self):
-        return len(self.images)
-
-    def batch(self, indices, crop, gen):
-        """-> images B x 1 x C x C, crop offsets B x 2 (x, y), labels (list of K x 2 or None)."""
-        crop = crop or self.size
-        images, offsets, labels = [], [], []
-        for i in indices:
-            x0, y0 = (torch.randint(0, self.size - crop + 1, (2,), generator=gen).tolist())
-            images.append(torch.from_numpy(self.images[i][y0:y0 + crop, x0:x0 + crop].astype(np.float32) / 255))
-            offsets.append((x0, y0))
-            lab = self.labels[i]
-            if lab is not None:
-                lab = lab - torch.tensor([x0, y0], dtype=torch.float32)
-                lab = lab[((lab >= 0) & (lab <= crop - 1)).all(1)]
-            labels.append(lab)
-        return torch.stack(images)[:, None], offsets, labels
-
-
-# =============================================================================================
-# 8. Losses and PKE (SuperRetina's semi-supervised training; RKD's knowledge terms)
+# 6. Losses and PKE
 # =============================================================================================
 
 def random_affine(n, size, spec, gen) -> torch.Tensor:
@@ -1732,7 +1101,7 @@ def distillation_losses(student_heat, student_desc, teacher, x, labels, kd, cfg,
 
 
 # =============================================================================================
-# 9. Training loops: train-cnn (SuperRetina) and distill (RKD), one process or DDP
+# 7. Training loops
 # =============================================================================================
 
 def pick_device(name):
@@ -1824,19 +1193,6 @@ def check_ranks_agree(model, world):
     if len(set(digests)) != 1:
         raise RuntimeError(f"DDP ranks disagree on parameters: {digests}")
     return digests[0]
-
-
-def load_weights(model, path, ckpt=None):
-    """Weights of a checkpoint or shipped file (fp16 ones too; `ckpt` when it is already read)
-    into `model`, which must be the architecture the file declares. Raises UserError otherwise."""
-    ckpt = ckpt or load_checkpoint(path)
-    if ckpt["arch"] != model.arch:
-        raise UserError(f"{path}: holds {ckpt['arch']!r} weights, not {model.arch!r}")
-    try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
-    except RuntimeError:
-        raise UserError(f"{path}: weights do not fit architecture {ckpt['arch']!r}") from None
-    return ckpt
 
 
 @dataclass
@@ -2002,8 +1358,685 @@ def train(args, distill=False):
     return out / "last.pt"
 
 
+# #############################################################################################
+# This project's own, in neither paper: sections 8 to 14
+# #############################################################################################
+
+
 # =============================================================================================
-# 10. Command line
+# 8. Synthetic fundus generator
+# =============================================================================================
+# A retina is drawn in "world" units (1 = radius of a camera's field of view): an optic disc, a
+# macula, and two vessel trees (arteries, veins) grown as random walks that branch. Its
+# keypoints are the trees' bifurcations plus artery/vein crossings, known exactly. A view is a
+# homography from world to image pixels, so every pair's ground truth is an exact homography.
+
+SYNTH_FRAME = 2912        # FIRE's frame, so that the 25 px thresholds mean what they mean on FIRE
+SYNTH_PAIRS = {"S": 4, "P": 4, "A": 4}
+SYNTH_SEED = 20240101
+
+
+def grow_vessels(rng, start, angle, width, depth, curl, segments, forks):
+    """Random-walk vessel from `start`; forks spawn thinner children (Murray-like width drop)."""
+    p, steps = np.array(start, np.float64), 0
+    while width > 0.0025 and steps < 140 and np.hypot(*p) < 2.2:
+        angle += curl + rng.normal(0, 0.08)
+        q = p + 0.02 * np.array([np.cos(angle), np.sin(angle)])
+        segments.append((p, q, width))
+        p, steps = q, steps + 1
+        if depth < 5 and steps > 6 and rng.random() < 0.08:
+            side = rng.choice([-1, 1])
+            forks.append(p.copy())
+            grow_vessels(rng, p, angle + side * rng.uniform(0.5, 1.1), width * 0.7, depth + 1,
+                         -side * abs(curl) * 0.5, segments, forks)
+            width *= 0.85
+            angle -= side * 0.15
+        width *= 0.995
+
+
+def segment_crossings(a, b) -> np.ndarray:
+    """Intersection points between two sets of segments (each K x 2 x 2) -> N x 2."""
+    p, r = a[:, None, 0], a[:, None, 1] - a[:, None, 0]
+    q, s = b[None, :, 0], b[None, :, 1] - b[None, :, 0]
+    denom = r[..., 0] * s[..., 1] - r[..., 1] * s[..., 0]
+    qp = q - p
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (qp[..., 0] * s[..., 1] - qp[..., 1] * s[..., 0]) / denom
+        u = (qp[..., 0] * r[..., 1] - qp[..., 1] * r[..., 0]) / denom
+    hit = (np.abs(denom) > 1e-12) & (t >= 0) & (t < 1) & (u >= 0) & (u < 1)
+    i, j = np.nonzero(hit)
+    return (p[i, 0] + t[i, j, None] * r[i, 0]).reshape(-1, 2)
+
+
+def synthetic_retina(seed) -> dict:
+    rng = np.random.default_rng(seed)
+    disc = np.array([rng.uniform(0.25, 0.45), rng.uniform(-0.1, 0.1)])
+    trees = {}
+    for kind, width, offset in (("artery", 0.011, -0.25), ("vein", 0.015, 0.25)):
+        segments, forks = [], []
+        for heading, curl in ((np.pi - 0.9, -0.012), (np.pi + 0.9, 0.012), (-0.6, 0.01), (0.6, -0.01)):
+            grow_vessels(rng, disc, heading + offset * 0.3 + rng.normal(0, 0.1), width, 0,
+                         curl * rng.uniform(0.7, 1.4), segments, forks)
+        trees[kind] = (segments, np.array(forks).reshape(-1, 2))
+    seg = {k: np.array([[s[0], s[1]] for s in v[0]]) for k, v in trees.items()}
+    crossings = segment_crossings(seg["artery"], seg["vein"])
+    keypoints = np.concatenate([trees["artery"][1], trees["vein"][1], crossings])
+    keypoints = keypoints[np.linalg.norm(keypoints - disc, axis=1) > 0.12]   # not inside the disc
+    return {"rng_seed": seed, "disc": disc, "macula": disc - [0.55, 0.0], "trees": trees, "keypoints": keypoints}
+
+
+def render_view(world, H, size, rng, fov_radius, photometric=1.0, anatomy=0.0) -> np.ndarray:
+    """Draw the retina seen through world->pixel homography H as a size x size BGR fundus photo.
+    `photometric` > 1 strengthens illumination/contrast changes; `anatomy` > 0 thickens vessels
+    and adds lesions (FIRE's category A: images taken years apart)."""
+    scale = np.sqrt(abs(np.linalg.det(H[:2, :2])))           # px per world unit, roughly
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = (size - 1) / 2
+    r = np.hypot(xx - c, yy - c) / fov_radius
+    shade = rng.uniform(0.75, 1.0) * (1 - 0.35 * photometric * r ** 2)   # vignetting
+    tilt = rng.normal(0, 0.08 * photometric, 2)
+    shade = shade * (1 + tilt[0] * (xx - c) / size + tilt[1] * (yy - c) / size)
+    texture = cv2.resize(rng.normal(0, 1, (size // 64 + 2, size // 64 + 2)).astype(np.float32), (size, size),
+                         interpolation=cv2.INTER_CUBIC)
+    green = 0.45 * shade * (1 + 0.05 * texture)
+    blobs = np.zeros((size, size), np.float32)
+    for centre, radius, gain in ((world["disc"], 0.11, 0.9), (world["macula"], 0.2, -0.35)):
+        (x, y), = apply_homography(H, [centre])
+        blobs += gain * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * (radius * scale) ** 2))
+    green = green * (1 + blobs)
+    vessels = np.zeros((size, size), np.float32)
+    thicken = 1 + 0.25 * anatomy
+    for kind, darkness in (("artery", 0.35), ("vein", 0.5)):
+        segments = world["trees"][kind][0]
+        ends = apply_homography(H, np.array([[a, b] for a, b, _ in segments]).reshape(-1, 2)).reshape(-1, 2, 2)
+        for (a, b), (_, _, w) in zip(np.round(ends * 16).astype(np.int64), segments):
+            cv2.line(vessels, tuple(a), tuple(b), darkness, max(1, int(round(w * scale * thicken))), cv2.LINE_AA, 4)
+    vessels = cv2.GaussianBlur(vessels, (0, 0), max(0.6, size / 2912))
+    green = green * (1 - np.clip(vessels, 0, 0.8))
+    for _ in range(int(anatomy * rng.integers(4, 12))):        # lesions: dark haemorrhages, bright exudates
+        x, y = rng.uniform(0.2, 0.8, 2) * size
+        cv2.circle(green, (int(x), int(y)), int(rng.uniform(0.004, 0.015) * size), float(rng.choice([0.1, 0.8])), -1, cv2.LINE_AA)
+    green = green * rng.uniform(1 - 0.15 * photometric, 1 + 0.1 * photometric)
+    green += rng.normal(0, 0.01, green.shape).astype(np.float32)
+    fov = (r <= 1).astype(np.float32)
+    green = np.clip(green, 0, 1) * fov
+    bgr = np.stack([green * 0.35, green, np.clip(green * 1.6 + 0.15, 0, 1) * fov], -1)
+    return (bgr * 255).astype(np.uint8)
+
+
+def view_homography(centre, radius_px, size, angle=0.0, zoom=1.0, perspective=(0.0, 0.0)) -> np.ndarray:
+    """World -> pixel homography: the world point `centre` lands at the image centre."""
+    s = radius_px * zoom
+    ca, sa = np.cos(angle), np.sin(angle)
+    c = (size - 1) / 2
+    T = np.array([[s * ca, -s * sa, c], [s * sa, s * ca, c], [perspective[0], perspective[1], 1.0]])
+    return T @ np.array([[1, 0, -centre[0]], [0, 1, -centre[1]], [0, 0, 1]])
+
+
+def synthetic_pair(seed, category):
+    """One FIRE-like pair: (refer BGR, query BGR, 10 x 4 control points, true H query->refer)."""
+    rng = np.random.default_rng(seed)
+    world = synthetic_retina(seed)
+    radius = SYNTH_FRAME * 0.47
+    Hr = view_homography(rng.normal(0, 0.1, 2), radius, SYNTH_FRAME)
+    if category == "P":      # small overlap: the camera moves by about half a field radius
+        shift = rng.uniform(0.35, 0.5) * np.array([np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a)])
+    else:
+        shift = rng.normal(0, 0.06, 2)
+    centre = np.linalg.solve(Hr, [SYNTH_FRAME / 2, SYNTH_FRAME / 2, 1])
+    Hq = view_homography(centre[:2] / centre[2] + shift, radius, SYNTH_FRAME, angle=rng.normal(0, 0.08),
+                         zoom=rng.uniform(0.95, 1.05), perspective=rng.normal(0, 2e-6, 2))
+    photometric, anatomy = (2.0, 1.0) if category == "A" else (1.0, 0.0)
+    refer = render_view(world, Hr, SYNTH_FRAME, rng, radius)
+    query = render_view(world, Hq, SYNTH_FRAME, rng, radius, photometric, anatomy)
+    H = Hr @ np.linalg.inv(Hq)
+    # control points: keypoints seen by both cameras, well inside both fields of view, topped up
+    # with points on vessels where the overlap is small (category P)
+    c = (SYNTH_FRAME - 1) / 2
+    on_vessels = np.array([a for a, _, _ in world["trees"]["vein"][0]])
+    chosen = []
+    for candidates in (world["keypoints"], on_vessels):
+        pr, pq = apply_homography(Hr, candidates), apply_homography(Hq, candidates)
+        shared = (np.hypot(*(pr - c).T) < 0.9 * radius) & (np.hypot(*(pq - c).T) < 0.9 * radius)
+        chosen += [np.r_[pr[i], pq[i]] for i in rng.permutation(np.flatnonzero(shared))[:10 - len(chosen)]]
+    return refer, query, np.array(chosen), H / H[2, 2]
+
+
+def write_synthetic_fire(root, quiet=False, counts=None):
+    """Write the synthetic benchmark in FIRE's layout (+ the true homographies) under `root`."""
+    root = Path(root)
+    counts = counts or SYNTH_PAIRS
+    jobs = [(c, i) for c in FIRE_CATEGORIES for i in range(1, counts.get(c, 0) + 1)]
+    for c, i in progress(jobs, "synthetic pairs", quiet):
+        refer, query, points, H = synthetic_pair(SYNTH_SEED + 1000 * FIRE_CATEGORIES.index(c) + i, c)
+        name = f"{c}{i:02d}"
+        write_atomic(root / "Images" / f"{name}_1.jpg", cv2.imencode(".jpg", refer, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes())
+        write_atomic(root / "Images" / f"{name}_2.jpg", cv2.imencode(".jpg", query, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes())
+        write_atomic(root / "Ground Truth" / f"control_points_{name}_1_2.txt",
+                     "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in points).encode())
+        write_atomic(root / "Homographies" / f"{name}.txt", "".join(" ".join(f"{v:.12g}" for v in row) + "\n" for row in H).encode())
+    write_atomic(root / "SYNTHETIC.txt", b"rkd synthetic benchmark: procedural fundus pairs, exact ground truth\n")
+    return root
+
+
+def default_benchmark(quiet=False) -> Path:
+    """The embedded benchmark, generated once (fixed seed) and cached."""
+    root = Path(os.environ.get("RKD_CACHE", Path.home() / ".cache" / "rkd")) / "synthetic-fire-v1"
+    if not (root / "SYNTHETIC.txt").exists():
+        print(f"generating the synthetic benchmark once into {root}", file=sys.stderr)
+        write_synthetic_fire(root, quiet)
+    return root
+
+
+def synthetic_training_image(seed, size):
+    """One labelled training view: (BGR size x size, K x 2 keypoints in px) with random pose."""
+    rng = np.random.default_rng(seed)
+    world = synthetic_retina(seed)
+    radius = size * 0.47
+    H = view_homography(rng.normal(0, 0.3, 2), radius, size, angle=rng.uniform(-np.pi, np.pi), zoom=rng.uniform(0.8, 1.3))
+    category = rng.choice(["S", "A"], p=[0.7, 0.3])
+    image = render_view(world, H, size, rng, radius, *((2.0, 1.0) if category == "A" else (1.0, 0.0)))
+    points = apply_homography(H, world["keypoints"])
+    inside = np.hypot(*(points - (size - 1) / 2).T) < 0.97 * radius
+    return image, points[inside]
+
+
+# =============================================================================================
+# 9. Training data
+# =============================================================================================
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".gif"}
+
+
+def image_files(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such image folder")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def field_of_view(bgr, fov_path=None) -> np.ndarray:
+    """Field-of-view mask: the dataset's own when given, else the bright disc of the photograph."""
+    if fov_path is not None and Path(fov_path).exists():
+        mask = cv2.cvtColor(read_image(fov_path), cv2.COLOR_BGR2GRAY)
+        return mask > mask.max() / 2
+    mask = (to_uint8(bgr)[:, :, 2] > 25).astype(np.uint8)
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)) > 0
+
+
+def merge_close_points(points, radius) -> np.ndarray:
+    """Greedy clustering: points closer than `radius` become their mean (a crossing is seen by
+    thinning as two nearby three-way junctions)."""
+    points = [np.asarray(p, np.float64) for p in points]
+    merged = []
+    while points:
+        seed = points.pop(0)
+        group = [seed] + [p for p in points if np.linalg.norm(p - seed) < radius]
+        points = [p for p in points if np.linalg.norm(p - seed) >= radius]
+        merged.append(np.mean(group, 0))
+    return np.array(merged).reshape(-1, 2)
+
+
+def vessel_junctions(vessels, fov=None, merge_radius=10.0, fov_margin=10, ring_radius=6) -> np.ndarray:
+    """Bifurcations and crossings of a binary vessel map -> K x 2 (x, y) pixel positions.
+
+    Thin the map to a one-pixel skeleton (OpenCV's Zhang-Suen). Skeleton pixels with three or
+    more skeleton neighbours are candidates; a candidate is a branching point when a circle of
+    `ring_radius` px around it crosses the skeleton three or more times (a straight vessel
+    crosses it twice, a Y three times, an X four). Points within `merge_radius` are merged
+    (an X thins into two nearby junctions), and points near the FOV edge dropped."""
+    binary = (vessels > 127).astype(np.uint8) * 255
+    skeleton = cv2.ximgproc.thinning(binary, thinningType=cv2.ximgproc.THINNING_ZHANGSUEN) > 0
+    neighbours = cv2.filter2D(skeleton.astype(np.float32), -1, np.ones((3, 3), np.float32), borderType=cv2.BORDER_CONSTANT) - 1
+    ys, xs = np.nonzero(skeleton & (neighbours >= 3))
+    thick = np.pad(cv2.dilate(skeleton.astype(np.uint8), np.ones((3, 3), np.uint8)), ring_radius)
+    angles = np.linspace(0, 2 * np.pi, 16 * ring_radius, endpoint=False)
+    dx, dy = np.round(ring_radius * np.cos(angles)).astype(int), np.round(ring_radius * np.sin(angles)).astype(int)
+    ring = thick[ys[:, None] + ring_radius + dy, xs[:, None] + ring_radius + dx]      # candidates x samples
+    branches = ((ring == 1) & (np.roll(ring, 1, axis=1) == 0)).sum(1)               # runs of vessel on the ring
+    points = merge_close_points(np.c_[xs, ys][branches >= 3], merge_radius)
+    if fov is not None and len(points):
+        inner = cv2.erode(fov.astype(np.uint8), np.ones((2 * fov_margin + 1,) * 2, np.uint8)) > 0
+        points = points[inner[points[:, 1].astype(int), points[:, 0].astype(int)]]
+    return points
+
+
+@dataclass
+class Sample:
+    """One training image. points: K x 2 labels normalised to 0..1, or None when unlabelled."""
+    source: str
+    path: Path | None = None
+    points: np.ndarray | None = None
+    synthetic_seed: int | None = None
+
+
+def lab_samples(root, split="train"):
+    """SuperRetina's Lab layout: ImageData/, Annotations/ (x y rows in 0..1), ImageSets/<split>.txt."""
+    root = Path(root)
+    listing = root / "ImageSets" / f"{split}.txt"
+    if not listing.exists():
+        raise UserError(f"{root}: not in the Lab layout (missing ImageSets/{split}.txt)")
+    samples = []
+    for line in read_text(listing).splitlines():
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        image = root / "ImageData" / parts[0]
+        points = None
+        if len(parts) > 1 and parts[1]:
+            rows = [r.split() for r in read_text(root / "Annotations" / parts[1]).splitlines() if r.strip()]
+            try:
+                points = np.array(rows, np.float64).reshape(-1, 2)
+            except ValueError:
+                raise UserError(f"{root / 'Annotations' / parts[1]}: rows must be 'x y' in 0..1") from None
+        samples.append(Sample("lab", image, points))
+    return samples
+
+
+def find_file(folder, stem):
+    """The image file in `folder` named `stem` with any image suffix, or None."""
+    return next((p for p in image_files(folder) if p.stem == stem), None) if Path(folder).is_dir() else None
+
+
+def vessel_map_triples(root) -> list:
+    """(image, vessel map, field-of-view mask or None) paths of a folder laid out as
+      this project's: images/ + vessels/ (+ fov/), same file stems;
+      DRIVE as its archive unpacks: training/ and test/, each images/NN_training.tif (or
+        NN_test.tif), 1st_manual/NN_manual1.gif, mask/NN_training_mask.gif -- the folder itself,
+        or its training/ or test/ part;
+      HRF's: images/NN_x.JPG, manual1/NN_x.tif, mask/NN_x_mask.tif;
+      CHASE_DB1's: one flat folder of Image_NNX.jpg beside Image_NNX_1stHO.png.
+    Raises UserError when the folder matches none of them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    triples = []
+    if (root / "vessels").is_dir():                                          # this project's layout
+        for image in image_files(root / "images"):
+            vessels = find_file(root / "vessels", image.stem)
+            if vessels:
+                triples.append((image, vessels, find_file(root / "fov", image.stem)))
+    for part in (root, root / "training", root / "test"):                   # DRIVE
+        if (part / "1st_manual").is_dir():
+            for image in image_files(part / "images"):
+                number = image.stem.split("_")[0]
+                vessels = find_file(part / "1st_manual", f"{number}_manual1")
+                if vessels:
+                    triples.append((image, vessels, find_file(part / "mask", f"{image.stem}_mask")))
+    if (root / "manual1").is_dir():                                          # HRF
+        for image in image_files(root / "images"):
+            vessels = find_file(root / "manual1", image.stem)
+            if vessels:
+                triples.append((image, vessels, find_file(root / "mask", f"{image.stem}_mask")))
+    for image in image_files(root):                                          # CHASE_DB1
+        if not image.stem.endswith(("_1stHO", "_2ndHO")):
+            vessels = find_file(root, f"{image.stem}_1stHO")
+            if vessels:
+                triples.append((image, vessels, None))
+    if not triples:
+        raise UserError(f"{root}: no vessel maps found; expected images/ + vessels/ (same names), DRIVE's "
+                        "training/ or test/ (images/, 1st_manual/, mask/), HRF's images/ + manual1/ + mask/, or "
+                        "CHASE_DB1's Image_NNX.jpg beside Image_NNX_1stHO.png")
+    return triples
+
+
+def vessel_map_samples(root, cfg):
+    """Labelled samples of a folder of photographs with manual vessel maps (vessel_map_triples
+    names the layouts), labelled by vessel_junctions. The merge radius is cfg.nms_radius model
+    px at model size cfg.size."""
+    samples = []
+    for image, vessel_path, fov_path in vessel_map_triples(root):
+        bgr = read_image(image)
+        vessels = to_uint8(cv2.cvtColor(read_image(vessel_path), cv2.COLOR_BGR2GRAY))
+        fov = field_of_view(bgr, fov_path)
+        if vessels.shape != bgr.shape[:2] or fov.shape != bgr.shape[:2]:
+            raise UserError(f"{vessel_path}: vessel map or FOV mask is not the size of {image.name}")
+        radius = cfg.nms_radius * max(bgr.shape[:2]) / cfg.size
+        points = vessel_junctions(vessels, fov, radius, fov_margin=int(radius))
+        samples.append(Sample("vessels", image, (points + 0.5) / [bgr.shape[1], bgr.shape[0]]))
+    return samples
+
+
+def collect_samples(args, cfg):
+    samples = []
+    for root in args.lab or []:
+        samples += lab_samples(root)
+    for root in args.vessels or []:
+        samples += vessel_map_samples(root, cfg)
+    for folder in args.unlabelled or []:
+        samples += [Sample("unlabelled", p) for p in image_files(folder)]
+    samples += [Sample("synthetic", synthetic_seed=args.seed * 100003 + i) for i in range(args.synthetic)]
+    if not samples:
+        raise UserError("no training data: give --synthetic N, --lab DIR, --vessels DIR or --unlabelled DIR")
+    return samples
+
+
+class TrainingSet:
+    """All images preprocessed once at the model size and held in memory as uint8, with their
+    labels in model pixels; batches are random crops of them."""
+
+    def __init__(self, samples, size, quiet=False):
+        self.size, self.images, self.labels, self.blur_scale = size, [], [], []
+        digest = hashlib.sha256()
+        for s in progress(samples, "loading training images", quiet):
+            if s.synthetic_seed is not None:
+                bgr, pts = synthetic_training_image(s.synthetic_seed, size)
+                pts = (pts + 0.5) / size          # normalised like the Lab layout: pixel centre + 0.5
+                digest.update(f"synthetic {s.synthetic_seed}\n".encode())
+            else:
+                bgr, pts = read_image(s.path), s.points
+                # file name and size, never the absolute path: a run can move to another machine
+                digest.update(f"{s.source} {Path(s.path).name} {Path(s.path).stat().st_size} "
+                              f"{0 if pts is None else len(pts)}\n".encode())
+            self.images.append((preprocess(bgr, size) * 255).astype(np.uint8))
+            self.blur_scale.append(size / max(bgr.shape[:2]))    # model px per original px
+            # normalised label -> model px of the padded square: x * w * size / side - 0.5
+            h, w = bgr.shape[:2]
+            scale = np.array([w, h]) * size / max(h, w)
+            self.labels.append(None if pts is None else torch.tensor(pts * scale - 0.5, dtype=torch.float32))
+
+        self.fingerprint = digest.hexdigest()[:16]    # what a resumed run must find again
+
+    def __len__(self):
+        return len(self.images)
+
+    def batch(self, indices, crop, gen):
+        """-> images B x 1 x C x C, crop offsets B x 2 (x, y), labels (list of K x 2 or None)."""
+        crop = crop or self.size
+        images, offsets, labels = [], [], []
+        for i in indices:
+            x0, y0 = (torch.randint(0, self.size - crop + 1, (2,), generator=gen).tolist())
+            images.append(torch.from_numpy(self.images[i][y0:y0 + crop, x0:x0 + crop].astype(np.float32) / 255))
+            offsets.append((x0, y0))
+            lab = self.labels[i]
+            if lab is not None:
+                lab = lab - torch.tensor([x0, y0], dtype=torch.float32)
+                lab = lab[((lab >= 0) & (lab <= crop - 1)).all(1)]
+            labels.append(lab)
+        return torch.stack(images)[:, None], offsets, labels
+
+
+# =============================================================================================
+# 10. Self-warp validation
+# =============================================================================================
+
+SELF_WARP_SEED = 7
+
+
+def random_homography(rng, w, h, degrees=10.0, zoom=0.1, shift=0.08, perspective=0.1) -> np.ndarray:
+    """A random view change about the image centre, of FIRE category S's size: rotation up to
+    `degrees`, zoom 1 +/- `zoom`, shift up to `shift` of the side, and corner perspective up to
+    `perspective` (a fraction of the side). -> 3 x 3, query px -> reference px."""
+    centre = np.array([[1, 0, -(w - 1) / 2], [0, 1, -(h - 1) / 2], [0, 0, 1.0]])
+    a, s = math.radians(rng.uniform(-degrees, degrees)), rng.uniform(1 - zoom, 1 + zoom)
+    t = rng.uniform(-shift, shift, 2) * [w, h]
+    p = rng.uniform(-perspective, perspective, 2) / (max(w, h) / 2)
+    M = np.array([[s * math.cos(a), -s * math.sin(a), t[0]], [s * math.sin(a), s * math.cos(a), t[1]], [p[0], p[1], 1]])
+    return np.linalg.inv(centre) @ M @ centre
+
+
+def self_warp_check(model, paths, cfg, warps=8, seed=SELF_WARP_SEED, quiet=False) -> list:
+    """Register each photograph to a copy of itself under `warps` known random homographies.
+
+    Per pair: `nn_accuracy`, the share of the query's keypoints that land inside the reference
+    whose nearest reference descriptor sits within 4 model px of their true place; `mean_error`,
+    the registration error over a 5 x 5 grid on the central 80 % of the query, in px of a
+    2912 px frame (FIRE's scale, so that the 1..25 px AUC means the same); and `status` as on
+    FIRE. Uses `register` and `extract_features`, the pipeline eval and match use."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for path in progress(paths, f"self-warp {getattr(model, 'name', model.arch)}", quiet):
+        refer = read_image(path)
+        h, w = refer.shape[:2]
+        gx, gy = np.meshgrid(np.linspace(0.1, 0.9, 5) * (w - 1), np.linspace(0.1, 0.9, 5) * (h - 1))
+        grid = np.c_[gx.ravel(), gy.ravel()]
+        for k in range(warps):
+            H = random_homography(rng, w, h)
+            query = cv2.warpPerspective(refer, np.linalg.inv(H), (w, h), flags=cv2.INTER_LINEAR)
+            S = cfg.size
+            cache = {}                                  # register computes the features once; read them back
+            reg = register(model, query, refer, cfg, cache, ("query", "refer"))
+            (_, (kq, dq)), (_, (kr, dr)) = cache["query"], cache["refer"]
+            to_model = np.linalg.inv(model_to_original(refer.shape, S))
+            truth = apply_homography(to_model @ H @ np.linalg.inv(to_model), kq)
+            seen = ((truth >= 0) & (truth <= S - 1)).all(1)
+            accuracy = float("nan")
+            if seen.any() and len(kr):
+                d = (dq[seen] ** 2).sum(1)[:, None] + (dr ** 2).sum(1)[None] - 2 * dq[seen] @ dr.T
+                nearest = kr[d.argmin(1)]
+                accuracy = float((np.linalg.norm(nearest - truth[seen], axis=1) <= 4).mean())
+            Hp = reg.protocol_H
+            errors = (np.full(len(grid), np.inf) if Hp is None else
+                      np.linalg.norm(apply_homography(Hp, grid) - apply_homography(H, grid), axis=1)) * 2912 / max(w, h)
+            rows.append({"name": f"{Path(path).stem}#{k}", "nn_accuracy": accuracy, "mean_error": float(errors.mean()),
+                         "status": pair_status(errors), "inliers": int(reg.final.inliers.sum())})
+    return rows
+
+
+# =============================================================================================
+# 11. Plausibility bar
+# =============================================================================================
+
+# A homography a user can trust (match's exit 0) must pass these: two photographs of one eye
+# differ by a moderate zoom and rotation and a little perspective, never by a mirror or a fold.
+MIN_INLIERS = 10                  # fewer inliers: the fit may be chance (4 points fit anything)
+SCALE_RANGE = (0.5, 2.0)          # local scale of the query in the reference, at its corners
+MAX_ANISOTROPY = 1.5              # ratio of the local Jacobian's singular values (shear, squash)
+
+
+def implausibility(H, inliers, query_shape) -> str:
+    """Why a registration cannot be trusted, or "" when it can. H: 3x3 query px -> reference
+    px; inliers: number of inlier matches; query_shape: (H, W, ...) of the query photograph.
+    The local Jacobian of H is checked at the query's corners and centre."""
+    if H is None:
+        return "no homography (fewer than 4 matches)"
+    if inliers < MIN_INLIERS:
+        return f"only {inliers} inliers (fewer than {MIN_INLIERS})"
+    h, w = query_shape[:2]
+    H = H / H[2, 2]
+    for x, y in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1), ((w - 1) / 2, (h - 1) / 2)):
+        d = H[2, 0] * x + H[2, 1] * y + 1
+        if d <= 0:
+            return "the homography folds the query through infinity (extreme perspective)"
+        u, v = (H[0, 0] * x + H[0, 1] * y + H[0, 2]) / d, (H[1, 0] * x + H[1, 1] * y + H[1, 2]) / d
+        J = np.array([[H[0, 0] - u * H[2, 0], H[0, 1] - u * H[2, 1]], [H[1, 0] - v * H[2, 0], H[1, 1] - v * H[2, 1]]]) / d
+        if np.linalg.det(J) <= 0:
+            return "the homography mirrors the query"
+        s1, s2 = np.linalg.svd(J, compute_uv=False)
+        if not SCALE_RANGE[0] <= math.sqrt(s1 * s2) <= SCALE_RANGE[1]:
+            return f"implausible scale change ({math.sqrt(s1 * s2):.2f}x, allowed {SCALE_RANGE[0]}-{SCALE_RANGE[1]}x)"
+        if s1 / s2 > MAX_ANISOTROPY:
+            return f"implausible shear or squash (axes differ {s1 / s2:.2f}x, allowed {MAX_ANISOTROPY}x)"
+    return ""
+
+
+# =============================================================================================
+# 12. Checkpoints
+# =============================================================================================
+
+def save_checkpoint(path, model, **extra):
+    """{format, arch, weights, ...}. fp16=True in `extra` stores a compact weights-only file."""
+    raw = model.module if hasattr(model, "module") else model
+    fp16 = extra.pop("fp16", False)
+    state = {k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu() for k, v in raw.state_dict().items()}
+    payload = {"format": CHECKPOINT_FORMAT, "arch": raw.arch, "model": state, **extra}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def resolve_weights(name):
+    """A shipped model's short name (lk, student, ...) or a path -> Path."""
+    if name in SHIPPED:
+        path = WEIGHTS_DIR / SHIPPED[name]
+        if not path.exists():
+            raise UserError(f"shipped model {name!r} is not in {WEIGHTS_DIR} (train it, see README)")
+        return path
+    path = Path(name)
+    if not path.exists():
+        raise UserError(f"{name}: no such checkpoint (shipped names: {', '.join(SHIPPED)}, or 'sift')")
+    return path
+
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises many types for a file that is not a checkpoint
+        raise UserError(f"{path}: not a readable rkd checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("arch") not in ARCHS:
+        raise UserError(f"{path}: not an rkd checkpoint (no '{CHECKPOINT_FORMAT}' header)")
+    return ckpt
+
+
+def load_model(name, device="cpu"):
+    """Shipped name, checkpoint path or 'sift' -> model in eval mode (fp16 files load as fp32)."""
+    if name == "sift":
+        return Sift()
+    path = resolve_weights(name)
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["arch"])
+    model.trained_size = load_weights(model, path, ckpt).get("config", {}).get("size")
+    model.name = name
+    return model.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def warn_size(model, size):
+    """A checkpoint trained at one --size and run at another sees vessels at another scale."""
+    trained = getattr(model, "trained_size", None)
+    if trained and trained != size:
+        print(f"warning: {model.name} was trained at --size {trained}, running at {size}: vessels appear at another "
+              "scale than it learned", file=sys.stderr)
+
+
+def default_model_name():
+    for name in DEFAULT_ORDER:
+        if (WEIGHTS_DIR / SHIPPED[name]).exists():
+            return name
+    return "sift"
+
+
+def load_weights(model, path, ckpt=None):
+    """Weights of a checkpoint or shipped file (fp16 ones too; `ckpt` when it is already read)
+    into `model`, which must be the architecture the file declares. Raises UserError otherwise."""
+    ckpt = ckpt or load_checkpoint(path)
+    if ckpt["arch"] != model.arch:
+        raise UserError(f"{path}: holds {ckpt['arch']!r} weights, not {model.arch!r}")
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
+    except RuntimeError:
+        raise UserError(f"{path}: weights do not fit architecture {ckpt['arch']!r}") from None
+    return ckpt
+
+
+# =============================================================================================
+# 13. Files and errors
+# =============================================================================================
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with a non-zero exit, never a traceback."""
+
+
+def progress(iterable, desc, quiet=False, **kw):
+    # disable=None: no bars when stderr is not a terminal (logs, pipes, CI)
+    return tqdm(iterable, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True, **kw)
+
+
+def read_image(path) -> np.ndarray:
+    """H x W x 3 image in its own bit depth (8-bit, 16-bit -- 12-bit data stored in 16 bits
+    too -- or float), grey images repeated to 3 channels, alpha dropped. A file OpenCV cannot
+    decode, or a JPEG or PNG cut short (OpenCV would only warn), is a UserError."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error:                               # e.g. larger than OpenCV's pixel limit
+        image = None
+    # cut short: no end-of-image marker after the last start-of-scan (JPEG), or no IEND (PNG)
+    truncated = ((data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") <= data.rfind(b"\xff\xda")) or
+                 (data[:4] == b"\x89PNG" and b"IEND" not in data[-64:]))
+    if truncated:
+        raise UserError(f"{path}: not a readable image (truncated)")
+    if image is None:
+        raise UserError(f"{path}: not a readable image (OpenCV cannot decode it: not an image, or a format "
+                        "its build lacks; convert it to PNG or TIFF)")
+    return image
+
+
+def to_uint8(image) -> np.ndarray:
+    """An image of any bit depth scaled to 8 bits for pictures (its own maximum -> 255)."""
+    if image.dtype == np.uint8:
+        return image
+    top = float(image.max()) or 1.0
+    return np.clip(image.astype(np.float32) * (255.0 / top), 0, 255).astype(np.uint8)
+
+
+def read_text(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")     # a byte-order mark is not data
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path, data: bytes):
+    """Write to a temporary name beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())      # mkstemp makes 0600; give what the umask gives
+        os.replace(tmp, path)
+    except BaseException as e:                      # Ctrl-C included: leave no temporary behind
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def json_bytes(doc) -> bytes:
+    """Strict JSON (RFC 8259): NaN and infinities become null, numpy scalars plain numbers;
+    strings are written as they are."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (np.integer, np.floating)):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+    return json.dumps(clean(doc), indent=1, allow_nan=False).encode()
+
+
+def write_png(path, image):
+    write_atomic(path, cv2.imencode(".png", image)[1].tobytes())
+
+
+def check_writable(path):
+    """Fail before the work, not after it, when an output cannot be written."""
+    parent = Path(path).parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path}: permission denied")
+
+
+# =============================================================================================
+# 14. Pictures
 # =============================================================================================
 
 def draw_matches(query, refer, reg, max_side=1200, title="", max_lines=150):
@@ -2080,6 +2113,10 @@ def plot_success_curves(runs, path, category=None):
         cv2.putText(img, label, (m + 10, 52 + 18 * k), font, 0.45, colour, 1, cv2.LINE_AA)
     write_png(path, img)
 
+
+# =============================================================================================
+# 15. Command line
+# =============================================================================================
 
 def matching_config(args, device):
     cfg = dataclasses.replace(CFG, size=args.size, trick=not args.no_trick, method=args.method,
