@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1188,3 +1189,23 @@ def test_shipped_teacher_matches_synthetic_pairs(synthetic_fire):
     summary = rkd.summarise(rkd.evaluate(model, pairs, cfg, quiet=True))
     assert summary["mAUC"] > SHIPPED_FLOOR, summary
 
+
+# ---------------------------------------------------------------- reading the code ----------
+
+MAX_LINE = 100
+
+
+def test_no_line_is_longer_than_100_characters():
+    too_long = [f"{path.name}:{number}: {len(line)} characters: {line.strip()[:60]}"
+                for path in (HERE / "rkd.py", HERE / "test_rkd.py")
+                for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                if len(line) > MAX_LINE]
+    report = f"{len(too_long)} lines over {MAX_LINE} characters:\n" + "\n".join(too_long)
+    assert not too_long, report
+
+
+def test_table_of_contents_names_the_sections_in_order():
+    contents = re.findall(r"^ {0,2}(\d+)\. (.+?) \.{2,}", rkd.__doc__, re.M)
+    sections = re.findall(r"^# (\d+)\. (.+)$", (HERE / "rkd.py").read_text(encoding="utf-8"), re.M)
+    assert contents and contents == sections
+    assert [int(n) for n, _ in sections] == list(range(1, len(sections) + 1))
