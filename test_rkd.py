@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,15 +25,17 @@ import rkd
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared" / "data"
 FIRE_DEV = SHARED / "FIRE-dev"
-needs_fire_dev = pytest.mark.skipif(not FIRE_DEV.is_dir(), reason="../shared/data/FIRE-dev is absent (not part of a user's clone)")
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent (not part of a user's clone)")
+needs_fire_dev = pytest.mark.skipif(
+    not FIRE_DEV.is_dir(), reason="../shared/data/FIRE-dev is absent (not part of a user's clone)")
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir(), reason="../shared/data is absent (not part of a user's clone)")
 CFG = rkd.CFG
 
 
 def run_cli(*args, env=None, timeout=300):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(HERE / "rkd.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env, cwd=HERE)
+    return subprocess.run([sys.executable, str(HERE / "rkd.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=full_env, cwd=HERE)
 
 
 def assert_clean_failure(result, needle):
@@ -48,14 +51,16 @@ def assert_clean_failure(result, needle):
 @pytest.fixture(scope="session")
 def synthetic_fire(tmp_path_factory):
     """One synthetic pair per category, in FIRE's layout, with true homographies."""
-    return rkd.write_synthetic_fire(tmp_path_factory.mktemp("synth"), quiet=True, counts={"S": 1, "P": 1, "A": 1})
+    return rkd.write_synthetic_fire(tmp_path_factory.mktemp("synth"), quiet=True,
+                                    counts={"S": 1, "P": 1, "A": 1})
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A train-cnn run of one short epoch on synthetic images: the checkpoint that eval loads."""
     out = tmp_path_factory.mktemp("run")
-    r = run_cli("train-cnn", "--synthetic", 2, "--size", 64, "--epochs", 1, "--batch", 2, "--out", out, "--quiet")
+    r = run_cli("train-cnn", "--synthetic", 2, "--size", 64, "--epochs", 1, "--batch", 2,
+                "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     return out / "last.pt"
 
@@ -72,7 +77,8 @@ def fire_tree(root, names, rows=None):
     for n in names:
         for k in (1, 2):
             (root / "Images" / f"{n}_{k}.jpg").write_bytes(image)
-        (root / "Ground Truth" / f"control_points_{n}_1_2.txt").write_text(rows or "1 2 3 4\n5 6 7 8\n")
+        points = root / "Ground Truth" / f"control_points_{n}_1_2.txt"
+        points.write_text(rows or "1 2 3 4\n5 6 7 8\n")
     return root
 
 
@@ -83,7 +89,7 @@ def test_preprocess_uses_green_and_normalises():
     img = rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)
     out = rkd.preprocess(img, 64)
     assert out.shape == (64, 64) and out.dtype == np.float32
-    assert 0 <= out.min() and out.max() <= 1 and out.max() > 0.9     # min-max stretch, gamma keeps 255
+    assert 0 <= out.min() and out.max() <= 1 and out.max() > 0.9   # min-max stretch, gamma: 255
     other = img.copy()
     other[:, :, [0, 2]] = 0                                           # blue and red do not matter
     assert np.array_equal(rkd.preprocess(other, 64), out)
@@ -91,18 +97,19 @@ def test_preprocess_uses_green_and_normalises():
 
 def test_nms_keeps_the_strongest_peak_within_radius():
     heat = torch.zeros(1, 1, 64, 64)
-    heat[0, 0, 20, 20], heat[0, 0, 20, 25], heat[0, 0, 40, 50], heat[0, 0, 1, 30] = 0.9, 0.5, 0.3, 0.8
+    heat[0, 0, 20, 20], heat[0, 0, 20, 25] = 0.9, 0.5
+    heat[0, 0, 40, 50], heat[0, 0, 1, 30] = 0.3, 0.8
     heat[0, 0, 50, 10] = 0.005                                        # below threshold
-    (pts, scores), = rkd.detect_keypoints(heat, radius=10, threshold=0.01, border=4)
-    assert pts.tolist() == [[20.0, 20.0], [50.0, 40.0]]               # (x, y); border peak dropped
-    assert torch.allclose(scores, torch.tensor([0.9, 0.3]))
+    found, = rkd.detect_keypoints(heat, radius=10, threshold=0.01, border=4)
+    assert found.keypoints.tolist() == [[20.0, 20.0], [50.0, 40.0]]   # (x, y); border peak dropped
+    assert torch.allclose(found.keypoint_scores, torch.tensor([0.9, 0.3]))
 
 
 def test_nms_plateau_gives_one_point():
     heat = torch.zeros(1, 1, 32, 32)
     heat[0, 0, 10:13, 10:13] = 0.5                                    # a flat 3 x 3 plateau
-    (pts, _), = rkd.detect_keypoints(heat, radius=4, threshold=0.01)
-    assert pts.tolist() == [[10.0, 10.0]]                             # the first in raster order
+    found, = rkd.detect_keypoints(heat, radius=4, threshold=0.01)
+    assert found.keypoints.tolist() == [[10.0, 10.0]]                 # the first in raster order
 
 
 def test_nms_resuppression_recovers_a_peak_hidden_by_a_stronger_ones_window():
@@ -113,7 +120,8 @@ def test_nms_resuppression_recovers_a_peak_hidden_by_a_stronger_ones_window():
     plain = heat == torch.nn.functional.max_pool2d(heat, 15, stride=1, padding=7)
     assert plain[0, 0, 20, 22].item() is False
     kept = rkd.simple_nms(heat, 7)
-    assert kept[0, 0, 20, 10] == 0.9 and kept[0, 0, 20, 16] == 0 and abs(kept[0, 0, 20, 22].item() - 0.7) < 1e-6
+    assert kept[0, 0, 20, 10] == 0.9 and kept[0, 0, 20, 16] == 0
+    assert abs(kept[0, 0, 20, 22].item() - 0.7) < 1e-6
 
 
 def test_descriptors_are_sampled_as_superretina_and_normalised():
@@ -127,7 +135,8 @@ def test_descriptors_are_sampled_as_superretina_and_normalised():
     assert torch.allclose(d[:4], torch.eye(4), atol=1e-6)
     assert torch.allclose(d[4], torch.tensor([1.0, 1.0, 0, 0]) / 2 ** 0.5, atol=1e-6)
     w = 5.0 / 15.0                                                    # weight of cell 1 at pixel 5
-    assert torch.allclose(d[5], torch.nn.functional.normalize(torch.tensor([1 - w, w, 0, 0]), dim=0), atol=1e-6)
+    expected = torch.nn.functional.normalize(torch.tensor([1 - w, w, 0, 0]), dim=0)
+    assert torch.allclose(d[5], expected, atol=1e-6)
 
 
 def test_matching_ratio_and_homography():
@@ -137,9 +146,9 @@ def test_matching_ratio_and_homography():
     assert len(m) == 30 and (m[:, 1] == 29 - m[:, 0]).all()
     H = np.array([[1.01, 0.02, 5], [-0.01, 0.99, -3], [1e-5, 0, 1]])
     p = rng.uniform(0, 500, (40, 2))
-    Hest, inl = rkd.estimate_homography(p, rkd.apply_homography(H, p), CFG)
-    assert inl.all() and np.allclose(Hest / Hest[2, 2], H, atol=1e-6)
-    assert rkd.estimate_homography(p[:3], p[:3], CFG)[0] is None
+    fit = rkd.estimate_homography(p, rkd.apply_homography(H, p), CFG)
+    assert fit.inliers.all() and np.allclose(fit.H / fit.H[2, 2], H, atol=1e-6)
+    assert rkd.estimate_homography(p[:3], p[:3], CFG).H is None
 
 
 # ---------------------------------------------------------------- FIRE protocol -------------
@@ -152,27 +161,27 @@ def fake_features(monkeypatch, second_points):
 
     def features(model, images, cfg):
         if len(images) == 2:
-            return [(pts, desc), (pts, desc)]
-        return [(pts[:second_points], desc[:second_points])]
+            return [rkd.Features(pts, desc), rkd.Features(pts, desc)]
+        return [rkd.Features(pts[:second_points], desc[:second_points])]
     monkeypatch.setattr(rkd, "extract_features", features)
 
 
-def test_eval_fails_a_pair_whose_second_stage_finds_nothing_and_match_keeps_the_first(monkeypatch, synthetic_fire,
-                                                                                       tmp_path, tiny_checkpoint):
-    pairs, _ = rkd.read_fire(synthetic_fire)
+def test_eval_fails_a_pair_whose_second_stage_finds_nothing_and_match_keeps_the_first(
+        monkeypatch, synthetic_fire, tmp_path, tiny_checkpoint):
+    pairs = rkd.read_fire(synthetic_fire).pairs
     model = rkd.load_model(str(tiny_checkpoint))
     cfg = rkd.dataclasses.replace(CFG, size=768)
-    fake_features(monkeypatch, 3)                                     # second stage: 3 matches, no homography
+    fake_features(monkeypatch, 3)                       # second stage: 3 matches, no homography
     row, = rkd.evaluate(model, pairs[:1], cfg, quiet=True)
     assert row["status"] == "failed" and row["homography"] is None    # test_on_FIRE.py's rule
     assert row["first_stage_inliers"] == 40 and row["second_stage_inliers"] == 0
     row, = rkd.evaluate(model, pairs[:1], rkd.dataclasses.replace(cfg, trick=False), quiet=True)
     assert row["status"] != "failed" and row["second_stage_inliers"] is None
-    code = rkd.main(["match", str(pairs[0].query), str(pairs[0].refer), "--out", str(tmp_path / "m"),
-                     "--weights", str(tiny_checkpoint), "--quiet"])
+    code = rkd.main(["match", str(pairs[0].query), str(pairs[0].refer),
+                     "--out", str(tmp_path / "m"), "--weights", str(tiny_checkpoint), "--quiet"])
     doc = json.loads((tmp_path / "m" / "homography.json").read_text())
     assert code == 0 and doc["stage"] == "first" and doc["second_stage_inliers"] == 0
-    fake_features(monkeypatch, 40)                                    # both stages fine: the composed one
+    fake_features(monkeypatch, 40)                      # both stages fine: the composed one
     row, = rkd.evaluate(model, pairs[:1], cfg, quiet=True)
     assert row["status"] != "failed" and row["second_stage_inliers"] == 40
 
@@ -184,7 +193,8 @@ def test_auc_by_hand():
     rows = [{"category": c, "mean_error": e, "status": "acceptable", "seconds": 1.0} for c, e in
             (("S", 0.5), ("P", 10.5), ("A", np.inf))]
     s = rkd.summarise(rows)
-    assert (s["S"], s["P"], s["A"]) == (1.0, pytest.approx(0.6), 0.0) and s["mAUC"] == pytest.approx(1.6 / 3)
+    assert (s["S"], s["P"], s["A"]) == (1.0, pytest.approx(0.6), 0.0)
+    assert s["mAUC"] == pytest.approx(1.6 / 3)
 
 
 def test_pair_status():
@@ -195,18 +205,22 @@ def test_pair_status():
 
 
 def test_read_fire_layout_p37_and_counts(tmp_path):
-    pairs, note = rkd.read_fire(fire_tree(tmp_path / "a", ["S01", "P01", "P37", "A01"]))
+    found = rkd.read_fire(fire_tree(tmp_path / "a", ["S01", "P01", "P37", "A01"]))
+    pairs, note = found.pairs, found.note
     assert [p.name for p in pairs] == ["A01", "P01", "S01"] and "subset" in note
     p = pairs[2]
     assert p.refer.name == "S01_1.jpg" and p.query.name == "S01_2.jpg" and p.points.shape == (2, 4)
-    full = [f"S{i:02d}" for i in range(1, 72)] + [f"P{i:02d}" for i in range(1, 50)] + [f"A{i:02d}" for i in range(1, 15)]
-    pairs, note = rkd.read_fire(fire_tree(tmp_path / "full", full))
+    full = ([f"S{i:02d}" for i in range(1, 72)] + [f"P{i:02d}" for i in range(1, 50)]
+            + [f"A{i:02d}" for i in range(1, 15)])
+    found = rkd.read_fire(fire_tree(tmp_path / "full", full))
+    pairs, note = found.pairs, found.note
     assert len(pairs) == 133 and note.startswith("full FIRE")
     with pytest.raises(rkd.UserError, match="more than FIRE"):
         rkd.read_fire(fire_tree(tmp_path / "big", full + ["S72"]))
 
 
-@pytest.mark.parametrize("rows,needle", [("1 2 3\n", "expected 4 columns"), ("1 2 3 x\n", "non-number")])
+@pytest.mark.parametrize("rows,needle", [("1 2 3\n", "expected 4 columns"),
+                                         ("1 2 3 x\n", "non-number")])
 def test_bad_control_points(tmp_path, rows, needle):
     with pytest.raises(rkd.UserError, match=needle):
         rkd.read_fire(fire_tree(tmp_path, ["S01"], rows))
@@ -253,27 +267,32 @@ def test_student_is_heavier_than_teacher():
 # ---------------------------------------------------------------- synthetic benchmark -------
 
 def test_synthetic_ground_truth_is_exact_and_deterministic(synthetic_fire):
-    pairs, note = rkd.read_fire(synthetic_fire)
+    found = rkd.read_fire(synthetic_fire)
+    pairs, note = found.pairs, found.note
     assert [p.category for p in pairs] == ["A", "P", "S"] and "synthetic" in note
     for p in pairs:
         assert len(p.points) == 10
         assert rkd.pair_errors(true_homography(synthetic_fire, p.name), p.points).max() < 1e-3
-    refer, query, points, H = rkd.synthetic_pair(rkd.SYNTH_SEED + 1, "S")
+    pair = rkd.synthetic_pair(rkd.SYNTH_SEED + 1, "S")
     again = rkd.synthetic_pair(rkd.SYNTH_SEED + 1, "S")
-    assert np.array_equal(refer, again[0]) and np.array_equal(points, again[2])
-    assert refer.shape == (rkd.SYNTH_FRAME, rkd.SYNTH_FRAME, 3)
-    assert np.allclose(points, np.loadtxt(synthetic_fire / "Ground Truth" / "control_points_S01_1_2.txt"), atol=1e-5)
+    assert np.array_equal(pair.refer, again.refer)
+    assert np.array_equal(pair.control_points, again.control_points)
+    assert pair.refer.shape == (rkd.SYNTH_FRAME, rkd.SYNTH_FRAME, 3)
+    written = np.loadtxt(synthetic_fire / "Ground Truth" / "control_points_S01_1_2.txt")
+    assert np.allclose(pair.control_points, written, atol=1e-5)
 
 
 def test_true_homographies_score_one_and_a_known_shift_scores_by_hand(synthetic_fire):
-    pairs, _ = rkd.read_fire(synthetic_fire)
+    pairs = rkd.read_fire(synthetic_fire).pairs
 
     def score(shift):
         rows = []
         for p in pairs:
-            H = np.array([[1, 0, shift], [0, 1, 0], [0, 0, 1]]) @ true_homography(synthetic_fire, p.name)
+            shifted = np.array([[1, 0, shift], [0, 1, 0], [0, 0, 1]])
+            H = shifted @ true_homography(synthetic_fire, p.name)
             e = rkd.pair_errors(H, p.points)
-            rows.append({"category": p.category, "mean_error": e.mean(), "status": rkd.pair_status(e), "seconds": 0})
+            rows.append({"category": p.category, "mean_error": e.mean(),
+                         "status": rkd.pair_status(e), "seconds": 0})
         return rkd.summarise(rows)
 
     assert score(0.0)["mAUC"] == pytest.approx(1.0)
@@ -281,7 +300,7 @@ def test_true_homographies_score_one_and_a_known_shift_scores_by_hand(synthetic_
 
 
 def test_sift_registers_synthetic_pairs_well_above_chance(synthetic_fire):
-    pairs, _ = rkd.read_fire(synthetic_fire)
+    pairs = rkd.read_fire(synthetic_fire).pairs
     rows = rkd.evaluate(rkd.Sift(), pairs, CFG, quiet=True)
     summary = rkd.summarise(rows)
     assert summary["mAUC"] > 0.5 and summary["acceptable"] >= 2       # chance is 0
@@ -290,9 +309,10 @@ def test_sift_registers_synthetic_pairs_well_above_chance(synthetic_fire):
 
 
 def test_eval_cli_json_csv_plots(synthetic_fire, tmp_path, tiny_checkpoint):
-    r = run_cli("eval", "--fire", synthetic_fire, "--weights", "sift", tiny_checkpoint, "--size", 128, "--quiet",
-                "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv", "--plots", tmp_path / "plots",
-                "--show-pairs", "--markdown")
+    r = run_cli("eval", "--fire", synthetic_fire, "--weights", "sift", tiny_checkpoint,
+                "--size", 128, "--quiet", "--json", tmp_path / "r.json",
+                "--csv", tmp_path / "r.csv", "--plots", tmp_path / "plots", "--show-pairs",
+                "--markdown")
     assert r.returncode == 0, r.stderr
     assert "mAUC" in r.stdout and "| sift |" in r.stdout
     doc = json.loads((tmp_path / "r.json").read_text())
@@ -301,16 +321,20 @@ def test_eval_cli_json_csv_plots(synthetic_fire, tmp_path, tiny_checkpoint):
     for row in (row for row in run["pairs"] if row["status"] != "failed"):
         H = np.array(row["homography"])                               # re-score independently
         gt = np.loadtxt(synthetic_fire / "Ground Truth" / f"control_points_{row['name']}_1_2.txt")
-        assert np.linalg.norm(rkd.apply_homography(H, gt[:, 2:]) - gt[:, :2], axis=1).mean() == pytest.approx(row["mean_error"])
+        errors = np.linalg.norm(rkd.apply_homography(H, gt[:, 2:]) - gt[:, :2], axis=1)
+        assert errors.mean() == pytest.approx(row["mean_error"])
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 7
-    assert {p.name for p in (tmp_path / "plots").glob("success_*.png")} == {f"success_{c}.png" for c in ("all", "S", "P", "A")}
+    curves = {p.name for p in (tmp_path / "plots").glob("success_*.png")}
+    assert curves == {f"success_{c}.png" for c in ("all", "S", "P", "A")}
     assert len(list((tmp_path / "plots").glob("sift_*.png"))) == 3
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 4 + 2 * 3         # one match picture per model and pair
+    # one match picture per model and pair
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4 + 2 * 3
 
 
 @needs_fire_dev
 def test_eval_sift_on_fire_dev_has_all_12_pairs(tmp_path):
-    r = run_cli("eval", "--fire", FIRE_DEV, "--model", "sift", "--json", tmp_path / "sift.json", "--quiet")
+    r = run_cli("eval", "--fire", FIRE_DEV, "--weights", "sift", "--json", tmp_path / "sift.json",
+                "--quiet")
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "sift.json").read_text())
     assert len(doc["pairs"]) == 12 and "subset" in doc["note"]
@@ -328,7 +352,8 @@ def draw(lines, size=200):
 
 
 def test_junctions_of_drawn_y_x_and_straight_vessel():
-    y = rkd.vessel_junctions(draw([((100, 20), (100, 100)), ((100, 100), (40, 180)), ((100, 100), (160, 180))]))
+    y = rkd.vessel_junctions(draw([((100, 20), (100, 100)), ((100, 100), (40, 180)),
+                                   ((100, 100), (160, 180))]))
     assert len(y) == 1 and np.linalg.norm(y[0] - [100, 100]) < 5
     x = rkd.vessel_junctions(draw([((20, 20), (180, 180)), ((20, 180), (180, 20))]))
     assert len(x) == 1 and np.linalg.norm(x[0] - [100, 100]) < 5
@@ -347,7 +372,8 @@ def test_lab_loader_reads_the_layout(tmp_path):
 @needs_shared
 def test_lab_loader_reads_the_shared_sample():
     s, = rkd.lab_samples(SHARED / "Lab-sample")
-    assert s.path.exists() and len(s.points) > 10 and (0 <= s.points).all() and (s.points <= 1).all()
+    assert s.path.exists() and len(s.points) > 10
+    assert (0 <= s.points).all() and (s.points <= 1).all()
 
 
 @needs_shared
@@ -367,13 +393,15 @@ def test_vessel_map_labels_on_drive(tmp_path):
 
 def vessel_fixture(image_path, vessel_path, mask_path=None, size=120):
     """A drawn photograph (dark vessels with a Y and an X) and its vessel map, in any layout."""
-    vessels = draw([((60, 10), (60, 60)), ((60, 60), (20, 110)), ((60, 60), (100, 110)), ((10, 85), (110, 85))], size)
+    vessels = draw([((60, 10), (60, 60)), ((60, 60), (20, 110)), ((60, 60), (100, 110)),
+                    ((10, 85), (110, 85))], size)
     photo = np.full((size, size, 3), 150, np.uint8)
     photo[vessels > 0] = 60
-    for path, image in ((image_path, photo), (vessel_path, vessels), (mask_path, np.full((size, size), 255, np.uint8))):
+    mask = np.full((size, size), 255, np.uint8)
+    for path, image in ((image_path, photo), (vessel_path, vessels), (mask_path, mask)):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if path.suffix == ".gif" and image.ndim == 2:            # OpenCV writes colour GIFs only
+            if path.suffix == ".gif" and image.ndim == 2:          # OpenCV writes colour GIFs only
                 image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
             assert cv2.imwrite(str(path), image), path
 
@@ -382,16 +410,20 @@ def vessel_fixture(image_path, vessel_path, mask_path=None, size=120):
 def test_public_datasets_as_their_archives_unpack(tmp_path, layout):
     root = tmp_path / layout
     if layout == "project":
-        vessel_fixture(root / "images" / "a.png", root / "vessels" / "a.png", root / "fov" / "a.png")
+        vessel_fixture(root / "images" / "a.png", root / "vessels" / "a.png",
+                       root / "fov" / "a.png")
     elif layout == "DRIVE":
         for split, n in (("training", "21"), ("test", "01")):
-            vessel_fixture(root / split / "images" / f"{n}_{split}.tif", root / split / "1st_manual" / f"{n}_manual1.gif",
+            vessel_fixture(root / split / "images" / f"{n}_{split}.tif",
+                           root / split / "1st_manual" / f"{n}_manual1.gif",
                            root / split / "mask" / f"{n}_{split}_mask.gif")
     elif layout == "CHASE_DB1":
         vessel_fixture(root / "Image_01L.jpg", root / "Image_01L_1stHO.png")
-        cv2.imwrite(str(root / "Image_01L_2ndHO.png"), np.zeros((120, 120), np.uint8))   # the second observer
+        # the second observer
+        cv2.imwrite(str(root / "Image_01L_2ndHO.png"), np.zeros((120, 120), np.uint8))
     else:
-        vessel_fixture(root / "images" / "01_dr.JPG", root / "manual1" / "01_dr.tif", root / "mask" / "01_dr_mask.tif")
+        vessel_fixture(root / "images" / "01_dr.JPG", root / "manual1" / "01_dr.tif",
+                       root / "mask" / "01_dr_mask.tif")
     samples = rkd.vessel_map_samples(root, rkd.dataclasses.replace(CFG, size=120))
     assert len(samples) == (2 if layout == "DRIVE" else 1)
     assert all(len(s.points) >= 2 for s in samples)                  # the Y and the X
@@ -430,8 +462,10 @@ def test_gaussian_targets_follow_superretinas_kernel_by_hand():
     expected = torch.tensor([[(v - lo) / (hi - lo) for v in row] for row in raw])
     t = rkd.gaussian_targets([torch.tensor([[20.0, 20.0]])], (1, 1, 40, 40), CFG)
     assert torch.allclose(t[0, 0, 14:27, 14:27], expected, atol=1e-5)
-    assert t[0, 0, 20, 20] == 1 and t[0, 0, 14, 14] == 0 and t[0, 0, 13, 20] == 0      # peak 1, corners 0
-    assert [round(v, 3) for v in t[0, 0, 20, 20:27].tolist()] == [1, 0.968, 0.877, 0.742, 0.582, 0.418, 0.266]
+    # peak 1, corners 0
+    assert t[0, 0, 20, 20] == 1 and t[0, 0, 14, 14] == 0 and t[0, 0, 13, 20] == 0
+    profile = [round(v, 3) for v in t[0, 0, 20, 20:27].tolist()]
+    assert profile == [1, 0.968, 0.877, 0.742, 0.582, 0.418, 0.266]
     two = rkd.gaussian_targets([torch.tensor([[20.0, 20.0], [22.0, 20.0]])], (1, 1, 40, 40), CFG)
     assert two.max() == 1 and two[0, 0, 20, 21] == 1                 # overlapping blobs clip at 1
 
@@ -440,7 +474,7 @@ def test_triplet_loss_perfect_wrong_and_gradient():
     gen = torch.Generator().manual_seed(0)
     anchor = torch.eye(16)
     one_image = torch.zeros(16, dtype=torch.long)
-    assert rkd.triplet_loss(anchor, anchor, one_image, CFG, gen) < 1e-6      # orthogonal: no GOR either
+    assert rkd.triplet_loss(anchor, anchor, one_image, CFG, gen) < 1e-6  # orthogonal: no GOR either
     shuffled = anchor[torch.roll(torch.arange(16), 1)].clone().requires_grad_()
     loss = rkd.triplet_loss(anchor, shuffled, one_image, CFG, gen)
     assert loss > 1.0
@@ -451,12 +485,15 @@ def test_triplet_loss_perfect_wrong_and_gradient():
 def test_triplet_negatives_come_from_the_anchors_own_image_only():
     gen = torch.Generator().manual_seed(0)
     d = torch.eye(4)[:2]                                     # two distinct descriptors
-    same = rkd.triplet_loss(torch.cat([d, d]), torch.cat([d, d]), torch.tensor([0, 0, 1, 1]), CFG, gen)
-    assert same < 1e-6                                       # the copy in image 1 is never a negative
+    two_images = torch.tensor([0, 0, 1, 1])
+    same = rkd.triplet_loss(torch.cat([d, d]), torch.cat([d, d]), two_images, CFG, gen)
+    assert same < 1e-6                                    # the copy in image 1 is never a negative
     # the same four places as one image: each anchor now has a negative equal to its positive
-    mixed = rkd.triplet_loss(torch.cat([d, d]), torch.cat([d, d]), torch.zeros(4, dtype=torch.long), CFG, gen)
+    one_image = torch.zeros(4, dtype=torch.long)
+    mixed = rkd.triplet_loss(torch.cat([d, d]), torch.cat([d, d]), one_image, CFG, gen)
     assert mixed > 0.79
-    alone = rkd.triplet_loss(d[:1], d[:1], torch.tensor([0]), CFG, gen)      # one place: itself as negatives
+    # one place: itself as negatives
+    alone = rkd.triplet_loss(d[:1], d[:1], torch.tensor([0]), CFG, gen)
     assert abs(alone.item() - (0.8 + 0 - 0 + 1 + 1)) < 1e-5
 
 
@@ -471,11 +508,12 @@ def pke_scene(size=64):
     for x, y in (good, no_content):
         heat_aug[y + 4, x + 6] = 0.9                             # nothing where no_geometry lands
     e = torch.eye(8)
-    desc, desc_aug = e[7].repeat(8, 8, 1).permute(2, 0, 1).clone(), e[6].repeat(8, 8, 1).permute(2, 0, 1).clone()
+    desc = e[7].repeat(8, 8, 1).permute(2, 0, 1).clone()
+    desc_aug = e[6].repeat(8, 8, 1).permute(2, 0, 1).clone()
     desc[:, 2:4, 2:4] = e[0, :, None, None]                        # good ...
-    desc_aug[:, 2:4, 2:4] = e[0, :, None, None]                    # ... looks the same after the warp
+    desc_aug[:, 2:4, 2:4] = e[0, :, None, None]                  # ... looks the same after the warp
     desc[:, 5:7, 2:4] = torch.nn.functional.normalize(e[1] + 0.3 * e[0], dim=0)[:, None, None]
-    desc_aug[:, 5:7, 2:4] = e[2, :, None, None]                    # no_content: its warp looks unlike it
+    desc_aug[:, 5:7, 2:4] = e[2, :, None, None]                  # no_content: its warp looks unlike
     return A, heat, heat_aug, desc, desc_aug
 
 
@@ -483,35 +521,38 @@ def test_pke_step_applies_each_filter():
     A, heat, heat_aug, desc, desc_aug = pke_scene()
     labels = torch.tensor([[50.0, 50.0]])
     value_map = np.zeros((64, 64), np.uint8)
-    out = rkd.progressive_keypoint_expansion(heat, heat_aug, desc, desc_aug, A, labels, value_map, CFG)
+    out = rkd.progressive_keypoint_expansion(heat, heat_aug, desc, desc_aug, A, labels, value_map,
+                                             CFG)
     points = {k: sorted(map(tuple, v.tolist())) for k, v in out.items()}
-    assert points["candidates"] == [(20, 20), (20, 44), (40, 20)]       # the 0.05 peak is below 0.1
-    assert points["geometric"] == [(20, 20), (20, 44)]                  # no_geometry's warp is dark
-    assert points["content"] == [(20, 20)]                              # no_content's nearest is not itself
-    assert points["learned"] == [(20, 20)] and value_map[20, 20] == 5   # a new point enters at 5
-    assert points["targets"] == [(20, 20), (50, 50)]                    # labels plus learned points
-    near = torch.tensor([[22.0, 21.0]])                                 # a label beside the learned point
+    assert points["candidates"] == [(20, 20), (20, 44), (40, 20)]     # the 0.05 peak is below 0.1
+    assert points["geometric"] == [(20, 20), (20, 44)]                # no_geometry's warp is dark
+    assert points["content"] == [(20, 20)]                # no_content's nearest is not itself
+    assert points["learned"] == [(20, 20)] and value_map[20, 20] == 5  # a new point enters at 5
+    assert points["targets"] == [(20, 20), (50, 50)]                  # labels plus learned points
+    near = torch.tensor([[22.0, 21.0]])                          # a label beside the learned one
     value_map[:] = 0
-    out = rkd.progressive_keypoint_expansion(heat, heat_aug, desc, desc_aug, A, near, value_map, CFG)
-    assert out["targets"].tolist() == [[22.0, 21.0]]                    # the learned point gives way
+    out = rkd.progressive_keypoint_expansion(heat, heat_aug, desc, desc_aug, A, near, value_map,
+                                             CFG)
+    assert out["targets"].tolist() == [[22.0, 21.0]]                  # the learned point gives way
 
 
 def test_value_map_as_superretinas_record_module():
     v = np.zeros((32, 32), np.uint8)
     rkd.update_value_map(v, np.array([[10, 12]]), CFG)                  # (x, y): new, +5
     assert v[12, 10] == 5 and rkd.learned_points(v, CFG).tolist() == [[10.0, 12.0]]
-    rkd.update_value_map(v, np.zeros((0, 2), int), CFG)                 # not found again: decays by 1
+    rkd.update_value_map(v, np.zeros((0, 2), int), CFG)             # not found again: decays by 1
     assert v[12, 10] == 4 and len(rkd.learned_points(v, CFG)) == 0
-    rkd.update_value_map(v, np.array([[11, 12]]), CFG)                  # a pixel off: its neighbour gains 1
+    rkd.update_value_map(v, np.array([[11, 12]]), CFG)              # a pixel off: its neighbour +1
     assert v[12, 10] == 5 and v[12, 11] == 0
     rkd.update_value_map(v, np.array([[10, 12]]), CFG)                  # found where recorded: +5
     assert v[12, 10] == 10
 
 
 def fixed_batch(n=2, size=64):
-    data = rkd.TrainingSet([rkd.Sample("synthetic", synthetic_seed=i) for i in range(n)], size, quiet=True)
-    x, offsets, labels = data.batch(list(range(n)), 0, torch.Generator().manual_seed(0))
-    return x, offsets, labels
+    samples = [rkd.Sample("synthetic", synthetic_seed=i) for i in range(n)]
+    data = rkd.TrainingSet(samples, size, quiet=True)
+    batch = data.batch(list(range(n)), 0, torch.Generator().manual_seed(0))
+    return batch.images, batch.offsets, batch.labels
 
 
 def test_superretina_loss_falls_on_a_fixed_batch():
@@ -522,8 +563,9 @@ def test_superretina_loss_falls_on_a_fixed_batch():
     history = []
     for _ in range(8):
         maps = {i: np.zeros((64, 64), np.uint8) for i in range(len(labels))}
-        losses, *_ = rkd.superretina_losses(model, model, x, labels, maps, True, CFG, torch.Generator().manual_seed(1))
-        loss = sum(losses.values())
+        out = rkd.superretina_losses(model, model, x, labels, maps, True, CFG,
+                                     torch.Generator().manual_seed(1))
+        loss = sum(out.losses.values())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -535,12 +577,14 @@ def test_warm_up_trains_on_labels_only_and_leaves_value_maps_alone():
     x, offsets, labels = fixed_batch()
     maps = {i: np.ones((64, 64), np.uint8) for i in range(len(labels))}
     model = rkd.LKSuperRetina()
-    losses, _, _, found = rkd.superretina_losses(model, model, x, labels, maps, False, CFG,
-                                                 torch.Generator().manual_seed(1))
-    assert found == {} and all((m == 1).all() for m in maps.values())
+    out = rkd.superretina_losses(model, model, x, labels, maps, False, CFG,
+                                 torch.Generator().manual_seed(1))
+    losses = out.losses
+    assert out.pke == {} and all((m == 1).all() for m in maps.values())
     target = rkd.gaussian_targets(labels, x.shape, CFG)
     heat, _ = model(x)
-    assert abs(losses["detector"].item() - rkd.dice_loss(heat, target).item()) < 1e-4   # no consistency term
+    # no consistency term
+    assert abs(losses["detector"].item() - rkd.dice_loss(heat, target).item()) < 1e-4
 
 
 def test_descriptor_warp_is_superretinas_theta():
@@ -548,17 +592,20 @@ def test_descriptor_warp_is_superretinas_theta():
     A = rkd.random_affine(200, 768, CFG.descriptor_affine, gen)
     centre = torch.tensor([[383.5, 383.5]])
     moved = torch.stack([rkd.transform_points(a, centre)[0] for a in A]) - 383.5
-    assert moved.abs().max() <= 0.1 * 768 / 2 * 1.1 + 1          # shifts: round(+/-76.8 px) / 768 normalised
-    lin = torch.linalg.inv(A)[:, :2, :2]                          # warped -> image: [[cos/s, -sin], [sin, cos/s]]
+    # shifts: round(+/-76.8 px) / 768 normalised
+    assert moved.abs().max() <= 0.1 * 768 / 2 * 1.1 + 1
+    lin = torch.linalg.inv(A)[:, :2, :2]       # warped -> image: [[cos/s, -sin], [sin, cos/s]]
     assert (torch.asin(lin[:, 1, 0]).abs() <= math.radians(3) + 1e-6).all()
     s = torch.cos(torch.asin(lin[:, 1, 0])) / lin[:, 0, 0]
     assert (s >= 0.9 - 1e-5).all() and (s <= 1.1 + 1e-5).all() and s.std() > 0.03
-    assert torch.allclose(lin[:, 0, 0], lin[:, 1, 1]) and torch.allclose(lin[:, 0, 1], -lin[:, 1, 0])
+    assert torch.allclose(lin[:, 0, 0], lin[:, 1, 1])
+    assert torch.allclose(lin[:, 0, 1], -lin[:, 1, 0])
 
 
 def test_precision_flags():
     cpu = torch.device("cpu")
-    assert rkd.resolve_precision("bf16", cpu) == "bf16" and rkd.resolve_precision("fp32", cpu) == "fp32"
+    assert rkd.resolve_precision("bf16", cpu) == "bf16"
+    assert rkd.resolve_precision("fp32", cpu) == "fp32"
     assert rkd.resolve_precision("auto", cpu) in ("bf16", "fp32")
     with pytest.raises(rkd.UserError, match="needs CUDA"):
         rkd.resolve_precision("fp16", cpu)
@@ -576,14 +623,15 @@ def test_precision_flags():
 
 def test_train_writes_resumes_and_loads_in_eval(tmp_path, synthetic_fire):
     out = tmp_path / "run"
-    r = run_cli("train-cnn", "--arch", "superretina", "--synthetic", 2, "--size", 64, "--epochs", 1, "--batch", 2,
-                "--out", out, "--quiet", "--val", synthetic_fire, "--val-size", 64)
+    r = run_cli("train-cnn", "--arch", "superretina", "--synthetic", 2, "--size", 64, "--epochs", 1,
+                "--batch", 2, "--out", out, "--quiet", "--val", synthetic_fire, "--val-size", 64)
     assert r.returncode == 0, r.stderr
     assert "val_mAUC" in r.stdout and (out / "best.pt").exists()
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["arch"] == "superretina" and ckpt["epoch"] == 1 and "optimizer" in ckpt and "value_maps" in ckpt
-    r = run_cli("train-cnn", "--arch", "superretina", "--synthetic", 2, "--size", 64, "--epochs", 2, "--batch", 2,
-                "--out", out, "--quiet", "--resume", out / "last.pt")
+    assert ckpt["arch"] == "superretina" and ckpt["epoch"] == 1
+    assert "optimizer" in ckpt and "value_maps" in ckpt
+    r = run_cli("train-cnn", "--arch", "superretina", "--synthetic", 2, "--size", 64, "--epochs", 2,
+                "--batch", 2, "--out", out, "--quiet", "--resume", out / "last.pt")
     assert r.returncode == 0, r.stderr
     assert "epoch 2/2" in r.stdout and "epoch 1/2" not in r.stdout
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
@@ -594,27 +642,32 @@ def test_train_writes_resumes_and_loads_in_eval(tmp_path, synthetic_fire):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killing_training_leaves_the_checkpoint_whole(tmp_path, sig):
     out = tmp_path / "run"
-    args = [sys.executable, str(HERE / "rkd.py"), "train-cnn", "--synthetic", 2, "--size", 64, "--epochs", 50,
-            "--batch", 1, "--out", out, "--quiet"]
-    # a shell's background job inherits SIGINT ignored (and Python then never raises KeyboardInterrupt):
-    # give the child the default disposition, as a terminal's Ctrl-C would find it
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    args = [sys.executable, str(HERE / "rkd.py"), "train-cnn", "--synthetic", 2, "--size", 64,
+            "--epochs", 50, "--batch", 1, "--out", out, "--quiet"]
+
+    def default_sigint():
+        # a shell's background job inherits SIGINT ignored (and Python then never raises
+        # KeyboardInterrupt): give the child the default disposition, as a terminal's Ctrl-C
+        # would find it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=default_sigint)
     try:
         deadline = time.time() + 120
         while not (out / "last.pt").exists() and time.time() < deadline:
             time.sleep(0.2)
-        time.sleep(0.7)                                              # somewhere inside a later epoch or save
+        time.sleep(0.7)                                   # somewhere inside a later epoch or save
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
-        proc.kill()                                                  # no stray trainer if anything above failed
-    if sig == signal.SIGINT:                                         # Ctrl-C: one line, no traceback
+        proc.kill()                                    # no stray trainer if anything above failed
+    if sig == signal.SIGINT:                              # Ctrl-C: one line, no traceback
         assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
-    ckpt = rkd.load_checkpoint(out / "last.pt")                      # whole, never half-written
+    ckpt = rkd.load_checkpoint(out / "last.pt")           # whole, never half-written
     assert ckpt["epoch"] >= 1
-    assert not [p for p in out.iterdir() if p.name not in ("last.pt", "best.pt") and not p.name.startswith(".")]
+    assert not [p for p in out.iterdir()
+                if p.name not in ("last.pt", "best.pt") and not p.name.startswith(".")]
 
 
 def test_init_loads_weights_and_max_minutes_stops_resumably(tmp_path, tiny_checkpoint):
@@ -622,37 +675,43 @@ def test_init_loads_weights_and_max_minutes_stops_resumably(tmp_path, tiny_check
     assert rkd.main(["export", str(tiny_checkpoint), str(shipped)]) == 0       # fp16, weights only
     out = tmp_path / "ft"
     flags = ["--synthetic", 2, "--size", 64, "--batch", 2, "--out", out, "--quiet"]
-    r = run_cli("train-cnn", *flags, "--epochs", 5, "--init", shipped, "--lr", 0, "--max-minutes", 0.0001)
+    r = run_cli("train-cnn", *flags, "--epochs", 5, "--init", shipped, "--lr", 0,
+                "--max-minutes", 0.0001)
     assert r.returncode == 0 and "stopped after epoch 1" in r.stdout, r.stderr
     ckpt = torch.load(out / "last.pt", weights_only=True)
     start = torch.load(shipped, weights_only=True)["model"]
-    assert ckpt["epoch"] == 1 and all(torch.equal(v.half(), start[k]) for k, v in ckpt["model"].items()
-                                      if v.is_floating_point())      # lr 0: still exactly the init weights
+    assert ckpt["epoch"] == 1
+    assert all(torch.equal(v.half(), start[k]) for k, v in ckpt["model"].items()
+               if v.is_floating_point())                 # lr 0: still exactly the init weights
     r = run_cli("train-cnn", *flags, "--epochs", 2, "--resume", out / "last.pt")
     assert r.returncode == 0 and "epoch 2/2" in r.stdout, r.stderr
-    assert_clean_failure(run_cli("train-cnn", "--arch", "superretina", *flags, "--init", shipped), "holds 'lk' weights")
-    assert_clean_failure(run_cli("train-cnn", *flags[:1], 3, *flags[2:], "--epochs", 3, "--resume", out / "last.pt"),
-                         "trained on other data")
+    assert_clean_failure(run_cli("train-cnn", "--arch", "superretina", *flags, "--init", shipped),
+                         "holds 'lk' weights")
+    assert_clean_failure(run_cli("train-cnn", *flags[:1], 3, *flags[2:], "--epochs", 3,
+                                 "--resume", out / "last.pt"), "trained on other data")
 
 
-def test_weights_that_do_not_fit_their_declared_architecture_end_in_one_line(tmp_path, synthetic_fire):
+def test_weights_that_do_not_fit_their_declared_architecture_end_in_one_line(tmp_path,
+                                                                              synthetic_fire):
     liar = tmp_path / "liar.pt"
     state = rkd.build_model("small_cnn").state_dict()
-    torch.save({"format": rkd.CHECKPOINT_FORMAT, "arch": "lk", "model": state, "optimizer": {}, "epoch": 1,
-                "best": -1.0, "config": {"size": 64}, "value_maps": {}}, liar)
+    torch.save({"format": rkd.CHECKPOINT_FORMAT, "arch": "lk", "model": state, "optimizer": {},
+                "epoch": 1, "best": -1.0, "config": {"size": 64}, "value_maps": {}}, liar)
     train = ["train-cnn", "--synthetic", 1, "--size", 64, "--epochs", 1, "--out", tmp_path / "r"]
-    for args in (["export", liar, tmp_path / "w.pt"], [*train, "--resume", liar], [*train, "--init", liar],
+    images = rkd.read_fire(synthetic_fire).pairs[0].query.parent
+    for args in (["export", liar, tmp_path / "w.pt"], [*train, "--resume", liar],
+                 [*train, "--init", liar],
                  ["eval", "--fire", synthetic_fire, "--weights", liar, "--size", 64],
-                 ["match", *rkd.read_fire(synthetic_fire)[0][0].query.parent.glob("S01_*.jpg"), "--out",
-                  tmp_path / "m", "--weights", liar, "--size", 64]):
+                 ["match", *images.glob("S01_*.jpg"), "--out", tmp_path / "m", "--weights", liar,
+                  "--size", 64]):
         assert_clean_failure(run_cli(*args), "do not fit architecture 'lk'")
     assert not (tmp_path / "w.pt").exists() and not (tmp_path / "r" / "last.pt").exists()
 
 
 def test_diverging_training_stops_and_export_refuses_non_finite_weights(tmp_path):
     out = tmp_path / "nan"
-    r = run_cli("train-cnn", "--arch", "small_cnn", "--synthetic", 4, "--size", 64, "--batch", 2, "--epochs", 1,
-                "--lr", 1e30, "--out", out, "--quiet")
+    r = run_cli("train-cnn", "--arch", "small_cnn", "--synthetic", 4, "--size", 64, "--batch", 2,
+                "--epochs", 1, "--lr", 1e30, "--out", out, "--quiet")
     assert_clean_failure(r, "diverged in epoch 1")
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
     model = rkd.build_model("small_cnn")
@@ -666,11 +725,13 @@ def test_diverging_training_stops_and_export_refuses_non_finite_weights(tmp_path
 def test_gpu_recipe_runs_at_tiny_size(tmp_path, synthetic_fire):
     # README's one-GPU command line (whole images, bf16, validation on synthetic pairs), shrunk
     out = tmp_path / "lk-gpu"
-    r = run_cli("train-cnn", "--arch", "lk", "--synthetic", 2, "--size", 64, "--crop", 0, "--batch", 2, "--epochs", 1,
-                "--precision", "bf16", "--val", synthetic_fire, "--val-size", 64, "--out", out, "--quiet")
+    r = run_cli("train-cnn", "--arch", "lk", "--synthetic", 2, "--size", 64, "--crop", 0,
+                "--batch", 2, "--epochs", 1, "--precision", "bf16", "--val", synthetic_fire,
+                "--val-size", 64, "--out", out, "--quiet")
     assert r.returncode == 0 and "bf16" in r.stdout and "val_mAUC" in r.stdout, r.stderr
     ckpt = torch.load(out / "best.pt", weights_only=True)
-    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())   # fp32 kept
+    # fp32 kept
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_fp16_export_loads_as_fp32(tmp_path, tiny_checkpoint):
@@ -693,7 +754,8 @@ class FixedTeacher(torch.nn.Module):
         heat = torch.zeros(1, 1, size, size)
         heat[0, 0, 8:size - 8:12, 8:size - 8:12] = 0.9
         self.register_buffer("heat", heat)
-        self.register_buffer("desc", torch.nn.functional.normalize(torch.randn(1, 256, size // 8, size // 8, generator=g), dim=1))
+        desc = torch.randn(1, 256, size // 8, size // 8, generator=g)
+        self.register_buffer("desc", torch.nn.functional.normalize(desc, dim=1))
 
     def forward(self, x):
         return self.heat.expand(len(x), -1, -1, -1), self.desc.expand(len(x), -1, -1, -1)
@@ -707,7 +769,8 @@ def distill_steps(teacher, steps, kd="both"):
     history = []
     for _ in range(steps):
         heat, desc = student(x)
-        losses = rkd.distillation_losses(heat, desc, teacher, x, labels, kd, CFG, torch.Generator().manual_seed(1))
+        losses = rkd.distillation_losses(heat, desc, teacher, x, labels, kd, CFG,
+                                         torch.Generator().manual_seed(1))
         loss = sum(losses.values())
         opt.zero_grad()
         loss.backward()
@@ -730,15 +793,18 @@ def test_kd_loss_falls_over_a_few_steps():
 
 
 @pytest.mark.parametrize("student,kd", [("vit_student", "descriptor"), ("vit_student", "detector"),
-                                        ("vit_student", "both"), ("vit_student", "none"), ("small_cnn", "descriptor")])
+                                        ("vit_student", "both"), ("vit_student", "none"),
+                                        ("small_cnn", "descriptor")])
 def test_distill_cli_modes(tmp_path, tiny_checkpoint, synthetic_fire, student, kd):
     out = tmp_path / "student"
-    r = run_cli("distill", "--teacher", tiny_checkpoint, "--student", student, "--kd", kd, "--synthetic", 2,
-                "--size", 64, "--epochs", 1, "--batch", 2, "--out", out, "--quiet", "--self-loss", "off" if kd == "detector" else "on")
+    r = run_cli("distill", "--teacher", tiny_checkpoint, "--student", student, "--kd", kd,
+                "--synthetic", 2, "--size", 64, "--epochs", 1, "--batch", 2, "--out", out,
+                "--quiet", "--self-loss", "off" if kd == "detector" else "on")
     assert r.returncode == 0, r.stderr
     assert rkd.load_checkpoint(out / "last.pt")["arch"] == student
     if kd == "descriptor" and student == "vit_student":                  # a student loads in eval
-        r = run_cli("eval", "--fire", synthetic_fire, "--weights", out / "last.pt", "--size", 64, "--quiet")
+        r = run_cli("eval", "--fire", synthetic_fire, "--weights", out / "last.pt", "--size", 64,
+                    "--quiet")
         assert r.returncode == 0 and "vit_student" in r.stdout, r.stderr
 
 
@@ -746,28 +812,31 @@ def test_distill_cli_modes(tmp_path, tiny_checkpoint, synthetic_fire, student, k
 
 def torchrun(*args, port):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                           str(HERE / "rkd.py"), *map(str, args), "--quiet", "--device", "cpu"],
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", str(HERE / "rkd.py"), *map(str, args),
+                           "--quiet", "--device", "cpu"],
                           capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_two_process_gloo_training(tmp_path):
     out = tmp_path / "ddp"
-    r = torchrun("train-cnn", "--synthetic", 4, "--size", 64, "--epochs", 1, "--batch", 1, "--out", out, port=29533)
+    r = torchrun("train-cnn", "--synthetic", 4, "--size", 64, "--epochs", 1, "--batch", 1,
+                 "--out", out, port=29533)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in r.stdout
     assert "2 process(es)" in r.stdout
     assert rkd.load_model(str(out / "last.pt")).arch == "lk"
 
 
-def test_two_process_distillation_of_the_transformer_on_unlabelled_images(tmp_path, tiny_checkpoint):
+def test_two_process_distillation_of_the_transformer_on_unlabelled_images(tmp_path,
+                                                                           tiny_checkpoint):
     images = tmp_path / "unlabelled"
     images.mkdir()
     for i in range(4):
-        cv2.imwrite(str(images / f"{i}.png"), rkd.synthetic_training_image(100 + i, 96)[0])
+        cv2.imwrite(str(images / f"{i}.png"), rkd.synthetic_training_image(100 + i, 96).image)
     out = tmp_path / "student"
-    r = torchrun("distill", "--teacher", tiny_checkpoint, "--unlabelled", images, "--size", 64, "--epochs", 2,
-                 "--batch", 1, "--out", out, port=29534)
+    r = torchrun("distill", "--teacher", tiny_checkpoint, "--unlabelled", images, "--size", 64,
+                 "--epochs", 2, "--batch", 1, "--out", out, port=29534)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in r.stdout and "epoch 2/2" in r.stdout
     assert rkd.load_checkpoint(out / "last.pt")["arch"] == "vit_student"
@@ -776,20 +845,23 @@ def test_two_process_distillation_of_the_transformer_on_unlabelled_images(tmp_pa
 # ---------------------------------------------------------------- a newcomer's experience ---
 
 def test_every_command_explains_its_flags():
-    for cmd in ([], ["eval"], ["match"], ["train-cnn"], ["distill"], ["labels"], ["synth"], ["export"], ["bench"]):
+    for cmd in ([], ["eval"], ["match"], ["train-cnn"], ["distill"], ["labels"], ["synth"],
+                ["export"], ["bench"]):
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout
 
 
 def test_match_registers_a_synthetic_pair_and_reports_where_it_stands(tmp_path, synthetic_fire):
-    pair = [p for p in rkd.read_fire(synthetic_fire)[0] if p.category == "S"][0]
-    assert rkd.main(["match", str(pair.query), str(pair.refer), "--out", str(tmp_path / "m"), "--weights", "sift",
-                     "--quiet"]) == 0
+    pair = [p for p in rkd.read_fire(synthetic_fire).pairs if p.category == "S"][0]
+    assert rkd.main(["match", str(pair.query), str(pair.refer), "--out", str(tmp_path / "m"),
+                     "--weights", "sift", "--quiet"]) == 0
     doc = json.loads((tmp_path / "m" / "homography.json").read_text())
-    assert doc["status"] == "registered" and doc["reason"] is None and doc["inliers"] >= rkd.MIN_INLIERS
+    assert doc["status"] == "registered" and doc["reason"] is None
+    assert doc["inliers"] >= rkd.MIN_INLIERS
     errors = rkd.pair_errors(np.array(doc["homography_query_to_refer"]), pair.points)
     assert errors.mean() < 5
-    assert (tmp_path / "m" / "matches.png").exists() and (tmp_path / "m" / "checkerboard.png").exists()
+    assert (tmp_path / "m" / "matches.png").exists()
+    assert (tmp_path / "m" / "checkerboard.png").exists()
 
 
 @needs_shared
@@ -797,37 +869,46 @@ def test_match_on_the_shared_pair_exits_as_its_json_says(tmp_path):
     # a hard real pair (large shift): SIFT's homography there is a shear and a 2x zoom, which
     # earlier versions reported as a success; whatever the verdict, exit code and JSON agree
     pair = SHARED / "pair-sample"
-    code = rkd.main(["match", str(pair / "query.jpg"), str(pair / "refer.jpg"), "--out", str(tmp_path / "m"),
-                     "--weights", "sift", "--quiet"])
+    code = rkd.main(["match", str(pair / "query.jpg"), str(pair / "refer.jpg"),
+                     "--out", str(tmp_path / "m"), "--weights", "sift", "--quiet"])
     doc = json.loads((tmp_path / "m" / "homography.json").read_text())
     assert (code, doc["status"]) in ((0, "registered"), (1, "failed"))
     assert (doc["homography_query_to_refer"] is None) == (code == 1)
 
 
 def test_match_a_series_of_visits_from_a_csv(tmp_path, synthetic_fire, monkeypatch):
-    pairs = {p.category: p for p in rkd.read_fire(synthetic_fire)[0]}
+    pairs = {p.category: p for p in rkd.read_fire(synthetic_fire).pairs}
     visits = tmp_path / "visits"
     visits.mkdir()
-    for name, src in (("base.jpg", pairs["S"].refer), ("v1.jpg", pairs["S"].query), ("v2.jpg", pairs["A"].query)):
+    for name, src in (("base.jpg", pairs["S"].refer), ("v1.jpg", pairs["S"].query),
+                      ("v2.jpg", pairs["A"].query)):
         (visits / name).write_bytes(src.read_bytes())
-    (visits / "list.csv").write_text("query,refer\nv1.jpg,base.jpg\nnothere.jpg,base.jpg\nv1.jpg,base.jpg\n")
+    (visits / "list.csv").write_text("query,refer\nv1.jpg,base.jpg\nnothere.jpg,base.jpg\n"
+                                     "v1.jpg,base.jpg\n")
     computed = []
     real = rkd.extract_features
-    monkeypatch.setattr(rkd, "extract_features", lambda m, images, cfg: computed.append(len(images)) or real(m, images, cfg))
-    code = rkd.main(["match", "--pairs", str(visits / "list.csv"), "--out", str(tmp_path / "out"), "--weights", "sift",
-                     "--quiet", "--no-trick"])
+
+    def counted(model, images, cfg):
+        computed.append(len(images))
+        return real(model, images, cfg)
+    monkeypatch.setattr(rkd, "extract_features", counted)
+    code = rkd.main(["match", "--pairs", str(visits / "list.csv"), "--out", str(tmp_path / "out"),
+                     "--weights", "sift", "--quiet", "--no-trick"])
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
     assert code == 1 and [r["status"] for r in rows] == ["registered", "error", "registered"]
     assert "nothere.jpg" in rows[1]["reason"]
-    assert len(computed) == 2                     # base and v1 once each, although v1 -> base runs twice
+    assert len(computed) == 2            # base and v1 once each, although v1 -> base runs twice
     assert (Path(rows[0]["folder"]) / "aligned.png").exists()
     aligned = cv2.imread(str(Path(rows[0]["folder"]) / "aligned.png"))
-    assert aligned.shape == cv2.imread(str(visits / "base.jpg")).shape   # the query in the reference's frame
+    # the query in the reference's frame
+    assert aligned.shape == cv2.imread(str(visits / "base.jpg")).shape
 
 
-def test_eval_main_job_scores_the_default_beside_sift(tmp_path, synthetic_fire, monkeypatch, capsys):
-    monkeypatch.setattr(rkd, "default_model_name", lambda: "lk" if (rkd.WEIGHTS_DIR / rkd.SHIPPED["lk"]).exists()
-                        else "sift")
+def test_eval_main_job_scores_the_default_beside_sift(tmp_path, synthetic_fire, monkeypatch,
+                                                     capsys):
+    def lk_or_sift():
+        return "lk" if (rkd.WEIGHTS_DIR / rkd.SHIPPED["lk"]).exists() else "sift"
+    monkeypatch.setattr(rkd, "default_model_name", lk_or_sift)
     if rkd.default_model_name() == "sift":
         pytest.skip("no model shipped: the default is SIFT itself")
     assert rkd.main(["eval", "--fire", str(synthetic_fire), "--size", "64", "--quiet"]) == 0
@@ -836,16 +917,16 @@ def test_eval_main_job_scores_the_default_beside_sift(tmp_path, synthetic_fire, 
 
 
 def test_a_checkpoint_run_at_another_size_warns(tmp_path, synthetic_fire, tiny_checkpoint, capsys):
-    assert rkd.main(["eval", "--fire", str(synthetic_fire), "--weights", str(tiny_checkpoint), "--size", "96",
-                     "--quiet", "--no-trick"]) == 0
+    assert rkd.main(["eval", "--fire", str(synthetic_fire), "--weights", str(tiny_checkpoint),
+                     "--size", "96", "--quiet", "--no-trick"]) == 0
     assert "trained at --size 64, running at 96" in capsys.readouterr().err
 
 
 def test_selfwarp_registers_a_photograph_to_known_warps_of_itself(tmp_path, synthetic_fire):
-    image = rkd.read_fire(synthetic_fire)[0][0].refer
+    image = rkd.read_fire(synthetic_fire).pairs[0].refer
     out = tmp_path / "sw.json"
-    assert rkd.main(["selfwarp", str(image), "--weights", "sift", "--warps", "2", "--size", "384", "--quiet",
-                     "--json", str(out)]) == 0
+    assert rkd.main(["selfwarp", str(image), "--weights", "sift", "--warps", "2", "--size", "384",
+                     "--quiet", "--json", str(out)]) == 0
     run, = json.loads(out.read_text())["runs"]
     assert run["pairs"] == 2 and run["nn_accuracy"] > 0.2 and run["AUC"] > 0.5     # chance is 0
     assert all(r["status"] == "acceptable" for r in run["rows"])
@@ -853,16 +934,20 @@ def test_selfwarp_registers_a_photograph_to_known_warps_of_itself(tmp_path, synt
 
 def test_image_without_keypoints_scores_failed(tmp_path):
     root = fire_tree(tmp_path / "black", ["S01", "S02"])            # black 16 px images
-    r = run_cli("eval", "--fire", root, "--model", "sift", "--size", 64, "--quiet", "--json", tmp_path / "b.json")
+    r = run_cli("eval", "--fire", root, "--weights", "sift", "--size", 64, "--quiet", "--json",
+                tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
-    assert [p["status"] for p in json.loads((tmp_path / "b.json").read_text())["pairs"]] == ["failed", "failed"]
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert [p["status"] for p in doc["pairs"]] == ["failed", "failed"]
 
 
 def test_bad_inputs_end_in_one_clear_line(tmp_path, synthetic_fire):
     out = tmp_path / "out.json"
-    assert_clean_failure(run_cli("eval", "--fire", tmp_path / "nowhere", "--json", out), "no such FIRE folder")
+    assert_clean_failure(run_cli("eval", "--fire", tmp_path / "nowhere", "--json", out),
+                         "no such FIRE folder")
     (tmp_path / "nogt" / "Images").mkdir(parents=True)
-    assert_clean_failure(run_cli("eval", "--fire", tmp_path / "nogt", "--json", out), "Ground Truth")
+    assert_clean_failure(run_cli("eval", "--fire", tmp_path / "nogt", "--json", out),
+                         "Ground Truth")
     fire_tree(tmp_path / "cols", ["S01"], "1 2 3\n")
     assert_clean_failure(run_cli("eval", "--fire", tmp_path / "cols", "--json", out), "4 columns")
     fire_tree(tmp_path / "nan", ["S01"], "1 2 3 four\n")
@@ -870,24 +955,32 @@ def test_bad_inputs_end_in_one_clear_line(tmp_path, synthetic_fire):
     bad = fire_tree(tmp_path / "trunc", ["S01"])
     data = (bad / "Images" / "S01_1.jpg").read_bytes()
     (bad / "Images" / "S01_1.jpg").write_bytes(data[: len(data) // 2])
-    assert_clean_failure(run_cli("eval", "--fire", bad, "--model", "sift", "--json", out), "truncated")
+    assert_clean_failure(run_cli("eval", "--fire", bad, "--weights", "sift", "--json", out),
+                         "truncated")
     (bad / "Images" / "S01_1.jpg").write_bytes(b"not an image at all")
-    assert_clean_failure(run_cli("eval", "--fire", bad, "--model", "sift", "--json", out), "not a readable image")
+    assert_clean_failure(run_cli("eval", "--fire", bad, "--weights", "sift", "--json", out),
+                         "not a readable image")
     (tmp_path / "x.pt").write_bytes(b"garbage")
-    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--weights", tmp_path / "x.pt", "--json", out), "not a readable rkd checkpoint")
+    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--weights", tmp_path / "x.pt",
+                                 "--json", out), "not a readable rkd checkpoint")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--weights", tmp_path / "other.pt", "--json", out), "not an rkd checkpoint")
+    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--weights",
+                                 tmp_path / "other.pt", "--json", out), "not an rkd checkpoint")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--model", "sift", "--json", blocker / "r.json"), "cannot write")
-    assert_clean_failure(run_cli("train-cnn", "--synthetic", 1, "--size", 64, "--crop", 128, "--out", tmp_path / "r"), "--crop")
-    assert_clean_failure(run_cli("distill", "--kd", "descriptor", "--synthetic", 1, "--out", tmp_path / "r"), "needs --teacher")
+    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--weights", "sift", "--json",
+                                 blocker / "r.json"), "cannot write")
+    assert_clean_failure(run_cli("train-cnn", "--synthetic", 1, "--size", 64, "--crop", 128,
+                                 "--out", tmp_path / "r"), "--crop")
+    assert_clean_failure(run_cli("distill", "--kd", "descriptor", "--synthetic", 1,
+                                 "--out", tmp_path / "r"), "needs --teacher")
     assert not out.exists() and not (tmp_path / "r").exists()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir() if p.is_file())
 
 
 CASES = HERE.parent / "shared" / "cases"
-needs_cases = pytest.mark.skipif(not CASES.is_dir(), reason="../shared/cases is absent (not part of a user's clone)")
+needs_cases = pytest.mark.skipif(
+    not CASES.is_dir(), reason="../shared/cases is absent (not part of a user's clone)")
 
 
 def match_error(out, gt_file):
@@ -898,16 +991,17 @@ def match_error(out, gt_file):
 
 
 @needs_cases
-@pytest.mark.parametrize("case,query,weights", [("2", "query_rot90.png", None), ("3", "other_eye.jpg", "sift")])
+@pytest.mark.parametrize("case,query,weights", [("2", "query_rot90.png", None),
+                                                ("3", "other_eye.jpg", "sift")])
 def test_no_implausible_registration_is_reported_as_success(tmp_path, case, query, weights):
     folder = CASES / case
     out = tmp_path / "out"
-    code = rkd.main(["match", str(folder / query), str(folder / "refer.png"), "--out", str(out), "--quiet",
-                     *(["--weights", weights] if weights else [])])
+    code = rkd.main(["match", str(folder / query), str(folder / "refer.png"), "--out", str(out),
+                     "--quiet", *(["--weights", weights] if weights else [])])
     doc = json.loads((out / "homography.json").read_text())
-    if case == "3":                                                  # two different eyes: never registered
+    if case == "3":                                       # two different eyes: never registered
         assert code == 1 and doc["status"] == "failed" and doc["reason"]
-    elif code == 0:                                                  # a rotated view: right, or failed
+    elif code == 0:                                       # a rotated view: right, or failed
         assert match_error(out, folder / "gt.txt") < 25
     else:
         assert doc["status"] == "failed" and doc["homography_query_to_refer"] is None
@@ -915,30 +1009,35 @@ def test_no_implausible_registration_is_reported_as_success(tmp_path, case, quer
 
 def test_plausibility_bar_by_hand():
     shape = (1000, 1000)
-    similar = np.array([[1.05 * math.cos(0.2), -1.05 * math.sin(0.2), 30], [1.05 * math.sin(0.2), 1.05 * math.cos(0.2), -20],
+    similar = np.array([[1.05 * math.cos(0.2), -1.05 * math.sin(0.2), 30],
+                        [1.05 * math.sin(0.2), 1.05 * math.cos(0.2), -20],
                         [1e-5, 0, 1]])
     assert rkd.implausibility(similar, 50, shape) == ""
     assert "inliers" in rkd.implausibility(similar, rkd.MIN_INLIERS - 1, shape)
     assert "mirrors" in rkd.implausibility(np.diag([-1.0, 1, 1]) @ similar, 50, shape)
-    assert "scale" in rkd.implausibility(np.diag([0.03, 0.03, 1]), 50, shape)        # squashed into a patch
-    assert "shear" in rkd.implausibility(np.array([[1.0, 0.9, 0], [0, 1, 0], [0, 0, 1]]), 50, shape)
-    assert "infinity" in rkd.implausibility(np.array([[1.0, 0, 0], [0, 1, 0], [-0.002, 0, 1]]), 50, shape)
+    # squashed into a patch
+    assert "scale" in rkd.implausibility(np.diag([0.03, 0.03, 1]), 50, shape)
+    sheared = np.array([[1.0, 0.9, 0], [0, 1, 0], [0, 0, 1]])
+    assert "shear" in rkd.implausibility(sheared, 50, shape)
+    folded = np.array([[1.0, 0, 0], [0, 1, 0], [-0.002, 0, 1]])
+    assert "infinity" in rkd.implausibility(folded, 50, shape)
 
 
 @needs_cases
 def test_non_square_photograph_registers_like_its_padded_square(tmp_path):
     folder = CASES / "5"
     errors = []
-    for query, gt in (("query_2to1.png", "gt_2to1.txt"), ("query_padded_square.png", "gt_padded.txt")):
-        assert rkd.main(["match", str(folder / query), str(folder / "refer.png"), "--out", str(tmp_path / query),
-                         "--weights", "sift", "--quiet"]) == 0
+    for query, gt in (("query_2to1.png", "gt_2to1.txt"),
+                      ("query_padded_square.png", "gt_padded.txt")):
+        assert rkd.main(["match", str(folder / query), str(folder / "refer.png"),
+                         "--out", str(tmp_path / query), "--weights", "sift", "--quiet"]) == 0
         errors.append(match_error(tmp_path / query, folder / gt))
     assert errors[0] < 5 and abs(errors[0] - errors[1]) < 3, errors
 
 
 def test_padding_maps_coordinates_back_exactly():
     image = np.zeros((100, 200, 3), np.uint8)
-    image[40:43, 150:153] = 255                                      # a bright dot centred at (151, 41)
+    image[40:43, 150:153] = 255                                  # a bright dot centred at (151, 41)
     model = rkd.preprocess(image, 64)
     y, x = np.unravel_index(model.argmax(), model.shape)
     assert model[32:].max() == 0                                     # the bottom half is padding
@@ -977,28 +1076,37 @@ def test_ground_truth_with_bom_crlf_and_tabs_is_read(tmp_path):
 
 @needs_cases
 def test_case_fire_with_bom_and_odd_folder_names(tmp_path):
-    assert rkd.main(["eval", "--fire", str(CASES / "10" / "FIRE_bom"), "--weights", "sift", "--quiet"]) == 0
+    assert rkd.main(["eval", "--fire", str(CASES / "10" / "FIRE_bom"), "--weights", "sift",
+                     "--quiet"]) == 0
     for name in ("FIRE_S_only", "InfinityEye FIRE"):
         out = tmp_path / f"{name}.json"
-        assert rkd.main(["eval", "--fire", str(CASES / "11" / name), "--weights", "sift", "--quiet", "--json", str(out)]) == 0
-        doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+        assert rkd.main(["eval", "--fire", str(CASES / "11" / name), "--weights", "sift",
+                         "--quiet", "--json", str(out)]) == 0
+        doc = json.loads(out.read_text(), parse_constant=not_json)
         assert doc["data"] == str(CASES / "11" / name)               # paths as given
         assert doc["summary"]["P"] is None                           # no P pairs: null, never NaN
 
 
+def not_json(constant):
+    """json.loads' parse_constant: NaN or Infinity in a document fails the test."""
+    pytest.fail(f"{constant} is not JSON")
+
+
 def test_json_is_strict_and_strings_untouched():
-    raw = rkd.json_bytes({"path": "InfinityEye NaN", "x": float("nan"), "y": [float("inf"), np.float32(2.5)]})
-    doc = json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    raw = rkd.json_bytes({"path": "InfinityEye NaN", "x": float("nan"),
+                          "y": [float("inf"), np.float32(2.5)]})
+    doc = json.loads(raw, parse_constant=not_json)
     assert doc == {"path": "InfinityEye NaN", "x": None, "y": [None, 2.5]}
 
 
 def test_outputs_honour_the_umask(tmp_path, synthetic_fire):
-    pair = rkd.read_fire(synthetic_fire)[0][0]
+    pair = rkd.read_fire(synthetic_fire).pairs[0]
     old = os.umask(0o022)
     try:
-        rkd.main(["match", str(pair.query), str(pair.refer), "--out", str(tmp_path / "m"), "--weights", "sift", "--quiet"])
-        rkd.main(["export", str(rkd.WEIGHTS_DIR / rkd.SHIPPED["lk"]) if (rkd.WEIGHTS_DIR / rkd.SHIPPED["lk"]).exists()
-                  else str(pair.query), str(tmp_path / "w.pt")])
+        rkd.main(["match", str(pair.query), str(pair.refer), "--out", str(tmp_path / "m"),
+                  "--weights", "sift", "--quiet"])
+        lk = rkd.WEIGHTS_DIR / rkd.SHIPPED["lk"]
+        rkd.main(["export", str(lk) if lk.exists() else str(pair.query), str(tmp_path / "w.pt")])
     finally:
         os.umask(old)
     files = [p for p in (tmp_path / "m").iterdir()] + [p for p in [tmp_path / "w.pt"] if p.exists()]
@@ -1006,15 +1114,18 @@ def test_outputs_honour_the_umask(tmp_path, synthetic_fire):
         [(p.name, oct(p.stat().st_mode & 0o777)) for p in files]
 
 
-@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: not enough memory: you tried "
-                                                                  "to allocate 9663676416 bytes")])
-def test_out_of_memory_ends_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, synthetic_fire, error):
-    pair = rkd.read_fire(synthetic_fire)[0][0]
+@pytest.mark.parametrize("error", [MemoryError(),
+                                   RuntimeError("DefaultCPUAllocator: not enough memory: you tried "
+                                                "to allocate 9663676416 bytes")])
+def test_out_of_memory_ends_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
+                                                           synthetic_fire, error):
+    pair = rkd.read_fire(synthetic_fire).pairs[0]
 
     def exhausted(*_):
         raise error
     monkeypatch.setattr(rkd, "register", exhausted)
-    code = rkd.main(["match", str(pair.query), str(pair.refer), "--out", str(tmp_path / "m"), "--weights", "sift"])
+    code = rkd.main(["match", str(pair.query), str(pair.refer), "--out", str(tmp_path / "m"),
+                     "--weights", "sift"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "--size" in err[0]
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
@@ -1022,7 +1133,7 @@ def test_out_of_memory_ends_in_one_line_and_writes_nothing(tmp_path, monkeypatch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_requested_without_cuda():
-    assert_clean_failure(run_cli("eval", "--model", "sift", "--device", "cuda"), "no CUDA")
+    assert_clean_failure(run_cli("eval", "--weights", "sift", "--device", "cuda"), "no CUDA")
 
 
 def test_write_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -1051,7 +1162,8 @@ def test_default_model_is_the_first_shipped_in_order_and_short_names_resolve(tmp
         rkd.save_checkpoint(tmp_path / rkd.SHIPPED[name], rkd.build_model("small_cnn"))
     expected = next(n for n in rkd.DEFAULT_ORDER if n in ("direct", "student"))
     assert rkd.default_model_name() == expected
-    assert rkd.load_model("direct").arch == "small_cnn" and rkd.load_model("direct").name == "direct"
+    assert rkd.load_model("direct").arch == "small_cnn"
+    assert rkd.load_model("direct").name == "direct"
     with pytest.raises(rkd.UserError, match="not in"):
         rkd.resolve_weights("superretina")
 
@@ -1068,10 +1180,32 @@ def test_shipped_weights_load_and_match_their_sha256(path):
     assert ckpt["arch"] in rkd.ARCHS and rkd.load_model(str(path)).arch == ckpt["arch"]
 
 
-@pytest.mark.skipif(not (HERE / "weights" / rkd.SHIPPED["lk"]).exists(), reason="no LK teacher shipped")
+@pytest.mark.skipif(not (HERE / "weights" / rkd.SHIPPED["lk"]).exists(),
+                    reason="no LK teacher shipped")
 def test_shipped_teacher_matches_synthetic_pairs(synthetic_fire):
-    pairs, _ = rkd.read_fire(synthetic_fire)
+    pairs = rkd.read_fire(synthetic_fire).pairs
     model = rkd.load_model("lk")
-    cfg = rkd.dataclasses.replace(CFG, size=768, method="ransac")          # its scale, the default estimator
+    cfg = rkd.dataclasses.replace(CFG, size=768, method="ransac")  # its scale, default estimator
     summary = rkd.summarise(rkd.evaluate(model, pairs, cfg, quiet=True))
     assert summary["mAUC"] > SHIPPED_FLOOR, summary
+
+
+# ---------------------------------------------------------------- reading the code ----------
+
+MAX_LINE = 100
+
+
+def test_no_line_is_longer_than_100_characters():
+    too_long = [f"{path.name}:{number}: {len(line)} characters: {line.strip()[:60]}"
+                for path in (HERE / "rkd.py", HERE / "test_rkd.py")
+                for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                if len(line) > MAX_LINE]
+    report = f"{len(too_long)} lines over {MAX_LINE} characters:\n" + "\n".join(too_long)
+    assert not too_long, report
+
+
+def test_table_of_contents_names_the_sections_in_order():
+    contents = re.findall(r"^ {0,2}(\d+)\. (.+?) \.{2,}", rkd.__doc__, re.M)
+    sections = re.findall(r"^# (\d+)\. (.+)$", (HERE / "rkd.py").read_text(encoding="utf-8"), re.M)
+    assert contents and contents == sections
+    assert [int(n) for n, _ in sections] == list(range(1, len(sections) + 1))
