@@ -182,8 +182,7 @@ def model_to_original(shape, size) -> np.ndarray:
 
 def keypoints_to_original(points, shape, size) -> np.ndarray:
     """N x 2 keypoints in model px -> N x 2 in original px, truncated to whole pixels as
-    SuperRetina's predictor does (`int(x / 768 * W)`; README "Deviations" measured the exact
-    mapping, which it does not beat)."""
+    SuperRetina's predictor does (`int(x / 768 * W)`)."""
     return np.floor(apply_homography(model_to_original(shape, size), points))
 
 
@@ -748,7 +747,9 @@ def pair_errors(H, points) -> np.ndarray:
 
 
 def pair_status(errors) -> str:
-    """K control-point errors -> failed | inaccurate | acceptable, FIRE's rule."""
+    """K control-point errors (original px; inf where there is no homography) -> failed |
+    inaccurate | acceptable, test_on_FIRE.py's rule: inaccurate when the largest error exceeds
+    50 px or the median exceeds 20 px."""
     if not np.isfinite(errors).all():
         return "failed"
     if errors.max() > INACCURATE_MAX or np.median(errors) > INACCURATE_MEDIAN:
@@ -757,7 +758,9 @@ def pair_status(errors) -> str:
 
 
 def fire_auc(mean_errors) -> float:
-    """Mean over thresholds t = 1..25 px of the fraction of pairs whose mean error is below t."""
+    """N per-pair mean control-point errors (original px; inf for a failed pair) -> the AUC of
+    one category as test_on_FIRE.py's compute_auc: the mean over thresholds t = 1..25 px of
+    the fraction of pairs whose mean error is below t."""
     e = np.asarray(mean_errors, np.float64)
     if len(e) == 0:
         return float("nan")
@@ -1418,6 +1421,9 @@ def train(args, distill=False):
     model = build_model(arch).to(device)
     teacher = None
     if distill and args.kd != "none":
+        if args.teacher == "sift":
+            raise UserError("--teacher sift: the teacher must be a network (a checkpoint or "
+                            f"a shipped name: {', '.join(SHIPPED)})")
         teacher = load_model(args.teacher, device)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -2148,8 +2154,7 @@ def resolve_weights(name):
         return path
     path = Path(name)
     if not path.exists():
-        raise UserError(f"{name}: no such checkpoint (shipped names: {', '.join(SHIPPED)}, "
-                        "or 'sift')")
+        raise UserError(f"{name}: no such checkpoint (shipped names: {', '.join(SHIPPED)})")
     return path
 
 

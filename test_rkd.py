@@ -974,6 +974,8 @@ def test_bad_inputs_end_in_one_clear_line(tmp_path, synthetic_fire):
                                  "--out", tmp_path / "r"), "--crop")
     assert_clean_failure(run_cli("distill", "--kd", "descriptor", "--synthetic", 1,
                                  "--out", tmp_path / "r"), "needs --teacher")
+    assert_clean_failure(run_cli("distill", "--teacher", "sift", "--synthetic", 1, "--size", 64,
+                                 "--crop", 0, "--out", tmp_path / "r"), "must be a network")
     assert not out.exists() and not (tmp_path / "r").exists()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir() if p.is_file())
 
@@ -1043,6 +1045,14 @@ def test_padding_maps_coordinates_back_exactly():
     assert model[32:].max() == 0                                     # the bottom half is padding
     back = rkd.apply_homography(rkd.model_to_original(image.shape, 64), [[x, y]])[0]
     assert np.abs(back - [151, 41]).max() <= 200 / 64               # within one model pixel
+
+
+def test_keypoints_go_back_as_superretina_maps_them():
+    # predictor.py: int(x / model_width * width), one scale for both axes here (padding)
+    back = rkd.keypoints_to_original(np.array([[1.5, 2.0], [767.0, 0.0]]), (2912, 2912, 3), 768)
+    assert back.tolist() == [[5.0, 7.0], [2908.0, 0.0]]          # 1.5 * 3.79 = 5.69 -> 5
+    wide = rkd.keypoints_to_original(np.array([[100.0, 10.0]]), (364, 728, 3), 64)
+    assert wide.tolist() == [[1137.0, 113.0]]                    # 728 / 64 = 11.375 on both axes
 
 
 @needs_cases
