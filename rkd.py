@@ -1766,6 +1766,18 @@ def synthetic_training_image(seed, size) -> SyntheticView:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".gif"}
 
 
+def pixels_to_unit(points, extent) -> np.ndarray:
+    """K x 2 pixel positions (x, y) -> K x 2 in 0..1 of an extent (width, height): the
+    normalised form of the Lab layout's annotations, pixel x's centre at (x + 0.5) / width."""
+    return (np.asarray(points) + 0.5) / extent
+
+
+def unit_to_pixels(points, extent) -> np.ndarray:
+    """K x 2 normalised positions (0..1) -> K x 2 pixel positions in an extent (width, height);
+    the inverse of pixels_to_unit."""
+    return np.asarray(points) * extent - 0.5
+
+
 def image_files(folder):
     """The image files of a folder (by suffix, any case), sorted."""
     folder = Path(folder)
@@ -1935,7 +1947,7 @@ def vessel_map_samples(root, cfg):
                             f"{files.image.name}")
         radius = cfg.nms_radius * max(bgr.shape[:2]) / cfg.size
         points = vessel_junctions(vessels, fov, radius, fov_margin=int(radius))
-        normalised = (points + 0.5) / [bgr.shape[1], bgr.shape[0]]            # K x 2 in 0..1
+        normalised = pixels_to_unit(points, [bgr.shape[1], bgr.shape[0]])     # K x 2 in 0..1
         samples.append(Sample("vessels", files.image, normalised))
     return samples
 
@@ -1976,7 +1988,7 @@ class TrainingSet:
             if s.synthetic_seed is not None:
                 view = synthetic_training_image(s.synthetic_seed, size)
                 bgr = view.image
-                pts = (view.keypoints + 0.5) / size   # normalised like the Lab layout: centre + 0.5
+                pts = pixels_to_unit(view.keypoints, size)    # normalised like the Lab layout
                 digest.update(f"synthetic {s.synthetic_seed}\n".encode())
             else:
                 bgr, pts = read_image(s.path), s.points
@@ -1985,11 +1997,12 @@ class TrainingSet:
                               f"{0 if pts is None else len(pts)}\n".encode())
             self.images.append((preprocess(bgr, size) * 255).astype(np.uint8))    # size x size
             self.blur_scale.append(size / max(bgr.shape[:2]))    # model px per original px
-            # normalised label -> model px of the padded square: x * w * size / side - 0.5
+            # normalised label -> model px of the padded square (the photograph spans
+            # w * size / side by h * size / side of it)
             h, w = bgr.shape[:2]
-            scale = np.array([w, h]) * size / max(h, w)
+            extent = np.array([w, h]) * size / max(h, w)
             self.labels.append(None if pts is None else            # K x 2 model px
-                               torch.tensor(pts * scale - 0.5, dtype=torch.float32))
+                               torch.tensor(unit_to_pixels(pts, extent), dtype=torch.float32))
 
         self.fingerprint = digest.hexdigest()[:16]    # what a resumed run must find again
 
@@ -2648,8 +2661,8 @@ def cmd_labels(args):
             write_png(out / "ImageData" / f"{name}.png", image)
             write_atomic(out / "Annotations" / f"{name}.txt", table_bytes(s.points, "{:.6f}"))
             image = to_uint8(image).copy()
-            for x, y in s.points * [image.shape[1], image.shape[0]]:
-                cv2.circle(image, (int(x), int(y)), 5, (0, 255, 255), 2)
+            for x, y in unit_to_pixels(s.points, [image.shape[1], image.shape[0]]):
+                cv2.circle(image, (round(x), round(y)), 5, (0, 255, 255), 2)
             write_png(out / "Pictures" / f"{name}.png", image)
             rows.append(f"{name}.png, {name}.txt")
     write_atomic(out / "ImageSets" / "train.txt", ("\n".join(rows) + "\n").encode())

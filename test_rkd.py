@@ -1055,6 +1055,14 @@ def test_keypoints_go_back_as_superretina_maps_them():
     assert wide.tolist() == [[1137.0, 113.0]]                    # 728 / 64 = 11.375 on both axes
 
 
+
+def test_normalised_labels_are_pixel_centres_over_the_extent():
+    # the Lab layout stores (x + 0.5) / width: pixel 0's centre is 0.5 / width, the last pixel's
+    # centre 1 - 0.5 / width; unit_to_pixels undoes it
+    unit = rkd.pixels_to_unit(np.array([[0.0, 0.0], [99.0, 49.0]]), [100, 50])
+    assert np.allclose(unit, [[0.005, 0.01], [0.995, 0.99]])
+    assert np.allclose(rkd.unit_to_pixels(unit, [100, 50]), [[0, 0], [99, 49]])
+
 @needs_cases
 def test_sixteen_bit_images_keep_their_dynamic_range(tmp_path):
     folder = CASES / "7"
