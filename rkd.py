@@ -598,10 +598,14 @@ class Registration:
         return implausibility(stage.H, int(stage.inliers.sum()), self.query_shape)
 
     @property
+    def protocol(self) -> Stage:
+        """test_on_FIRE.py's rule: the last stage that ran -- with the trick, a pair whose
+        second stage finds no homography is failed, even though the first stage had one."""
+        return self.first if self.second is None else self.second
+
+    @property
     def protocol_H(self):
-        """test_on_FIRE.py's rule: with the trick, a pair whose second stage finds no
-        homography is failed, even though the first stage had one."""
-        return self.first.H if self.second is None else self.second.H
+        return self.protocol.H
 
     @property
     def final(self) -> Stage:
@@ -799,7 +803,7 @@ def evaluate(model, pairs, cfg, quiet=False, on_pair=None) -> list:
         rows.append({"name": pair.name, "category": pair.category,
                      "mean_error": float(errors.mean()), "max_error": float(errors.max()),
                      "median_error": float(np.median(errors)),
-                     "inliers": int(reg.final.inliers.sum()), "status": pair_status(errors),
+                     "inliers": int(reg.protocol.inliers.sum()), "status": pair_status(errors),
                      "seconds": seconds,
                      "first_stage_inliers": int(reg.first.inliers.sum()),
                      "second_stage_inliers": None if second is None else int(second.inliers.sum()),
@@ -2093,7 +2097,7 @@ def self_warp_check(model, paths, cfg, warps=8, seed=SELF_WARP_SEED, quiet=False
             errors = distances * 2912 / max(w, h)                       # px of FIRE's frame
             rows.append({"name": f"{Path(path).stem}#{k}", "nn_accuracy": accuracy,
                          "mean_error": float(errors.mean()), "status": pair_status(errors),
-                         "inliers": int(reg.final.inliers.sum())})
+                         "inliers": int(reg.protocol.inliers.sum())})
     return rows
 
 
