@@ -853,12 +853,10 @@ def random_affine(n, size, spec, gen) -> torch.Tensor:
     theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / s, -torch.sin(angle)
     theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle), torch.cos(angle) / s
     theta[:, 0, 2], theta[:, 1, 2], theta[:, 2, 2] = -t[:, 0], -t[:, 1], 1
-    # pixel index -> normalised frame as a 3 x 3 map: pixels_to_grid takes the first pixel to
-    # -1 and the last to +1, and is linear in between
-    ends = torch.tensor([[0.0, 0.0], [size - 1.0, size - 1.0]], dtype=torch.float64)
-    (x0, y0), (x1, y1) = pixels_to_grid(ends, size, size, align_corners=True).tolist()
-    kx, ky = (x1 - x0) / (size - 1), (y1 - y0) / (size - 1)
-    to_normalised = torch.tensor([[kx, 0, x0], [0, ky, y0], [0, 0, 1.0]])
+    # pixel index -> normalised frame, pixels_to_grid(align_corners=True) as a 3 x 3 matrix:
+    # pixel 0 -> -1, pixel size - 1 -> +1
+    k = 2 / (size - 1)
+    to_normalised = torch.tensor([[k, 0, -1.0], [0, k, -1.0], [0, 0, 1.0]])
     warped_to_image = torch.linalg.inv(to_normalised) @ theta @ to_normalised
     return torch.linalg.inv(warped_to_image)
 
