@@ -138,6 +138,7 @@ SHIPPED = {"lk": "lk_teacher.pt", "student": "rkd_student.pt",
            "superretina": "superretina_teacher.pt", "direct": "direct_transformer.pt"}
 ATTENTION_WINDOW = 256                            # px: the student's ViT attends within such
                                                   # squares
+LAYER_SCALE = 1e-5                                # the student's ViT blocks start near identity
 DEFAULT_ORDER = ("lk", "student", "superretina", "direct")   # best first, by validation
                                                              # (weights/README)
 
@@ -328,6 +329,13 @@ class TransformerStudent(nn.Module):
     training on random crops transfers to whole images (see windowed_vit). Outputs are exactly
     the teacher's, so inference and evaluation run unchanged.
 
+    Its blocks carry LayerScale (timm's init_values; CaiT, Touvron et al. 2021) starting at
+    LAYER_SCALE, so that the ViT starts near the identity and its tokens still differ from place
+    to place. Without it, RKD's knowledge descriptor term pinned the student at its collapsed
+    solution (one descriptor everywhere, loss = the margin 0.800) within a few steps; with 1e-5
+    it leaves it, with 0.1 it does not (README, "The training recipe";
+    test_vit_student_leaves_the_collapsed_descriptor_solution).
+
     forward: B x 1 x H x W -> heatmap B x 1 x H x W, descriptors B x 256 x H/8 x W/8."""
     arch = "vit_student"
 
@@ -340,6 +348,7 @@ class TransformerStudent(nn.Module):
         self.vit = VisionTransformer(img_size=192, patch_size=4, in_chans=c3, embed_dim=embed_dim,
                                      depth=depth, num_heads=heads, class_token=False,
                                      global_pool="", num_classes=0, pos_embed="none",
+                                     init_values=LAYER_SCALE,
                                      dynamic_img_size=True, dynamic_img_pad=True)
         self.neck = nn.Sequential(nn.Conv2d(embed_dim, 128, 3, padding=1), nn.ReLU(inplace=True))
         self.detector = DetectorDecoder(c1, c2, c3, 128)
@@ -2195,7 +2204,10 @@ def load_weights(model, ckpt, path):
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"{path}: weights do not fit architecture {ckpt['arch']!r}") from None
+        hint = ""
+        if model.arch == "vit_student" and not any(k.endswith("ls1.gamma") for k in state):
+            hint = " (a student saved before LayerScale, rkd commit 9f66e8a or older, runs there)"
+        raise UserError(f"{path}: weights do not fit architecture {ckpt['arch']!r}{hint}") from None
 
 
 def model_from_checkpoint(ckpt, path) -> nn.Module:

@@ -792,6 +792,37 @@ def test_kd_loss_falls_over_a_few_steps():
     assert last < first - 0.03, history                             # seeded: falls by ~0.08 here
 
 
+def test_student_from_before_layerscale_is_refused_with_the_reason(tmp_path):
+    student = rkd.TransformerStudent()
+    state = {k: v for k, v in student.state_dict().items() if ".ls" not in k}
+    torch.save({"format": rkd.CHECKPOINT_FORMAT, "arch": "vit_student", "model": state},
+               tmp_path / "old.pt")
+    with pytest.raises(rkd.UserError, match="before LayerScale"):
+        rkd.load_model(str(tmp_path / "old.pt"))
+
+
+@pytest.mark.skipif(not (HERE / "weights" / "lk_teacher.pt").exists(),
+                    reason="needs the shipped LK teacher (weights/lk_teacher.pt)")
+def test_vit_student_leaves_the_collapsed_descriptor_solution():
+    # RKD's descriptor triplet has a trap: one student descriptor everywhere, orthogonal to the
+    # teacher's, costs exactly the margin (0.800). Without LayerScale the ViT student stays there
+    # (0.800 from step 6 on, at lr 1e-4 and 1e-3); with it, it leaves (0.728 at step 30).
+    torch.manual_seed(0)
+    x, offsets, labels = fixed_batch(2, 128)
+    teacher, student = rkd.load_model("lk"), rkd.TransformerStudent()
+    opt = torch.optim.Adam(student.parameters(), 1e-4)
+    history = []
+    for _ in range(30):
+        heat, desc = student(x)
+        loss = rkd.distillation_losses(heat, desc, teacher, x, labels, "descriptor", CFG,
+                                       torch.Generator().manual_seed(1))["kd_descriptor"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(round(loss.item(), 3))
+    assert min(history[-5:]) < CFG.margin - 0.02, history
+
+
 @pytest.mark.parametrize("student,kd", [("vit_student", "descriptor"), ("vit_student", "detector"),
                                         ("vit_student", "both"), ("vit_student", "none"),
                                         ("small_cnn", "descriptor")])
