@@ -2194,13 +2194,47 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+def lk_state_from_per_channel_layout(state) -> dict:
+    """An LK state dict in rkd's layout before commit bebcb97 -> RKD's layout (LKUNET).
+
+    That layout (e.g. ../shared/checkpoints/lk_warmup_e28.pt) had per-channel PReLUs in stages
+    2-4 (keys stages.i.1.weight, stages.i.2.act.weight), its LKU block nested as stages.i.2, and
+    ReLU in stage 1 and the descriptor head. Every convolution is copied unchanged; the one shared
+    PReLU slope becomes the mean of the per-channel slopes (0.2364 for that warm start). The
+    result is a warm start, not the same function: stage 1 and the descriptor head change from
+    ReLU to that PReLU."""
+    slopes, out = [], {}
+    for key, value in state.items():
+        parts = key.split(".")                     # stages, i, module, [k1|k3|k5|act], param
+        if parts[0] != "stages" or parts[1] == "0":
+            out[key] = value                       # stage 1, decoder, descriptor: same keys
+        elif parts[2] == "1" or parts[3] == "act":
+            slopes.append(value)                   # per-channel PReLU slopes
+        elif parts[2] == "0":
+            out[".".join(["stages", parts[1], "conv", parts[3]])] = value
+        else:                                      # stages.i.2.kN.param -> stages.i.kN.param
+            out[".".join(["stages", parts[1], *parts[3:]])] = value
+    slope = torch.cat(slopes).mean().reshape(1)
+    shared_prelu = ["stages.0.1.weight", "stages.0.3.weight", "descriptor.act.weight"]
+    for key in shared_prelu + [f"stages.{i}.act.weight" for i in (1, 2, 3)]:
+        out[key] = slope.clone()
+    return out
+
+
 def load_weights(model, ckpt, path):
     """A read checkpoint's weights into `model`, fp16 ones (exported files) widened to fp32 --
     the one place where a checkpoint's tensors enter a network. `model` must be the
-    architecture the checkpoint declares, else a UserError names `path`."""
+    architecture the checkpoint declares, else a UserError names `path`. LK checkpoints in the
+    per-channel layout of rkd before bebcb97 are carried over with a note on stderr
+    (lk_state_from_per_channel_layout)."""
     if ckpt["arch"] != model.arch:
         raise UserError(f"{path}: holds {ckpt['arch']!r} weights, not {model.arch!r}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    if model.arch == "lk" and "stages.1.2.k1.weight" in state:
+        state = lk_state_from_per_channel_layout(state)
+        print(f"note: {path}: LK weights in rkd's layout before bebcb97 (per-channel PReLU), "
+              "carried over to RKD's: convolutions unchanged, one PReLU slope (their mean)",
+              file=sys.stderr)
     try:
         model.load_state_dict(state)
     except RuntimeError:

@@ -1,4 +1,4 @@
-"""Tests for rkd.py. Run: python -m pytest -q -m "not slow" test_rkd.py
+"""Tests for rkd.py. Run: python -m pytest -q -n 2 test_rkd.py (two workers, pytest-xdist)
 
 Data from ../shared/data is used where present (a developer checkout) and the tests that need
 it skip with a reason elsewhere. Everything runs at small sizes on the CPU."""
@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # timm must never reach for the network
+if os.environ.get("PYTEST_XDIST_WORKER"):      # one of `-n 2`'s workers: one core each, not two
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import cv2
 import numpy as np
@@ -36,6 +38,19 @@ def run_cli(*args, env=None, timeout=300):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, str(HERE / "rkd.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=full_env, cwd=HERE)
+
+
+def run_main(capsys, *args):
+    """rkd.main in this process, for checks of what the CLI says (no interpreter start-up, which
+    costs seconds a call): a CompletedProcess like run_cli's. An exception escaping main fails
+    the test, as a traceback would."""
+    capsys.readouterr()
+    try:
+        code = rkd.main([str(a) for a in args])
+    except SystemExit as e:                      # argparse's --help and usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def assert_clean_failure(result, needle):
@@ -691,7 +706,7 @@ def test_init_loads_weights_and_max_minutes_stops_resumably(tmp_path, tiny_check
                                  "--resume", out / "last.pt"), "trained on other data")
 
 
-def test_weights_that_do_not_fit_their_declared_architecture_end_in_one_line(tmp_path,
+def test_weights_that_do_not_fit_their_declared_architecture_end_in_one_line(tmp_path, capsys,
                                                                               synthetic_fire):
     liar = tmp_path / "liar.pt"
     state = rkd.build_model("small_cnn").state_dict()
@@ -704,7 +719,7 @@ def test_weights_that_do_not_fit_their_declared_architecture_end_in_one_line(tmp
                  ["eval", "--fire", synthetic_fire, "--weights", liar, "--size", 64],
                  ["match", *images.glob("S01_*.jpg"), "--out", tmp_path / "m", "--weights", liar,
                   "--size", 64]):
-        assert_clean_failure(run_cli(*args), "do not fit architecture 'lk'")
+        assert_clean_failure(run_main(capsys, *args), "do not fit architecture 'lk'")
     assert not (tmp_path / "w.pt").exists() and not (tmp_path / "r" / "last.pt").exists()
 
 
@@ -787,9 +802,11 @@ def test_distillation_leaves_the_teacher_bit_identical():
 
 
 def test_kd_loss_falls_over_a_few_steps():
-    history = distill_steps(FixedTeacher(), 12)
+    # seeded: flat for about 10 steps (LayerScale starts at 1e-5), then falls; by steps 18-20 it
+    # is ~0.2 lower with 1 or 2 threads (1.81 -> 1.61 / 1.60); at 12 steps it had barely moved
+    history = distill_steps(FixedTeacher(), 20)
     first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
-    assert last < first - 0.03, history                             # seeded: falls by ~0.08 here
+    assert last < first - 0.1, history
 
 
 def test_student_from_before_layerscale_is_refused_with_the_reason(tmp_path):
@@ -801,6 +818,39 @@ def test_student_from_before_layerscale_is_refused_with_the_reason(tmp_path):
         rkd.load_model(str(tmp_path / "old.pt"))
 
 
+
+
+SHARED_WARM_START = HERE.parent / "shared" / "checkpoints" / "lk_warmup_e28.pt"
+
+
+def test_lk_checkpoint_in_the_per_channel_layout_is_carried_over(tmp_path, capsys):
+    # rkd before bebcb97 saved LK teachers with per-channel PReLUs in stages 2-4 and the LKU block
+    # nested (the shared 28-epoch warm start is one): build such a state by hand from a model
+    model = rkd.build_model("lk")
+    new, old = model.state_dict(), {}
+    for key, value in new.items():
+        p = key.split(".")
+        if key.endswith("act.weight") or key in ("stages.0.1.weight", "stages.0.3.weight"):
+            continue                                   # the shared PReLU: absent in that layout
+        if p[0] == "stages" and p[1] != "0":
+            key = ".".join(["stages", p[1], "0", p[3]] if p[2] == "conv"
+                           else ["stages", p[1], "2", *p[2:]])
+        old[key] = value
+    slopes = []
+    for i, width in ((1, 64), (2, 128), (3, 128)):
+        old[f"stages.{i}.1.weight"] = torch.full((width,), 0.1 * i)
+        old[f"stages.{i}.2.act.weight"] = torch.full((width,), 0.2 * i)
+        slopes += [old[f"stages.{i}.1.weight"], old[f"stages.{i}.2.act.weight"]]
+    torch.save({"format": rkd.CHECKPOINT_FORMAT, "arch": "lk", "model": old}, tmp_path / "o.pt")
+    loaded = rkd.load_model(str(tmp_path / "o.pt")).state_dict()
+    assert "per-channel PReLU" in capsys.readouterr().err
+    assert loaded["descriptor.act.weight"].item() == pytest.approx(torch.cat(slopes).mean().item())
+    assert torch.equal(loaded["stages.2.k5.weight"], new["stages.2.k5.weight"])
+    assert all(torch.equal(loaded[k], v) for k, v in new.items() if "act" not in k
+               and k not in ("stages.0.1.weight", "stages.0.3.weight"))
+    if SHARED_WARM_START.exists():   # the warm start the issue offers: its mean slope, 0.2364
+        warm = rkd.load_model(str(SHARED_WARM_START)).state_dict()
+        assert warm["stages.3.act.weight"].item() == pytest.approx(0.2364, abs=1e-4)
 @pytest.mark.skipif(not (HERE / "weights" / "lk_teacher.pt").exists(),
                     reason="needs the shipped LK teacher (weights/lk_teacher.pt)")
 def test_vit_student_leaves_the_collapsed_descriptor_solution():
@@ -875,11 +925,12 @@ def test_two_process_distillation_of_the_transformer_on_unlabelled_images(tmp_pa
 
 # ---------------------------------------------------------------- a newcomer's experience ---
 
-def test_every_command_explains_its_flags():
+def test_every_command_explains_its_flags(capsys):
     for cmd in ([], ["eval"], ["match"], ["train-cnn"], ["distill"], ["labels"], ["synth"],
                 ["export"], ["bench"]):
-        r = run_cli(*cmd, "--help")
+        r = run_main(capsys, *cmd, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout
+    assert "usage:" in run_cli("--help").stdout     # and once as a user starts it
 
 
 def test_match_registers_a_synthetic_pair_and_reports_where_it_stands(tmp_path, synthetic_fire):
@@ -972,40 +1023,43 @@ def test_image_without_keypoints_scores_failed(tmp_path):
     assert [p["status"] for p in doc["pairs"]] == ["failed", "failed"]
 
 
-def test_bad_inputs_end_in_one_clear_line(tmp_path, synthetic_fire):
+def test_bad_inputs_end_in_one_clear_line(tmp_path, synthetic_fire, capsys):
+    def cli(*args):                 # in this process: the messages are main's
+        return run_main(capsys, *args)
+
     out = tmp_path / "out.json"
-    assert_clean_failure(run_cli("eval", "--fire", tmp_path / "nowhere", "--json", out),
+    assert_clean_failure(cli("eval", "--fire", tmp_path / "nowhere", "--json", out),
                          "no such FIRE folder")
     (tmp_path / "nogt" / "Images").mkdir(parents=True)
-    assert_clean_failure(run_cli("eval", "--fire", tmp_path / "nogt", "--json", out),
+    assert_clean_failure(cli("eval", "--fire", tmp_path / "nogt", "--json", out),
                          "Ground Truth")
     fire_tree(tmp_path / "cols", ["S01"], "1 2 3\n")
-    assert_clean_failure(run_cli("eval", "--fire", tmp_path / "cols", "--json", out), "4 columns")
+    assert_clean_failure(cli("eval", "--fire", tmp_path / "cols", "--json", out), "4 columns")
     fire_tree(tmp_path / "nan", ["S01"], "1 2 3 four\n")
-    assert_clean_failure(run_cli("eval", "--fire", tmp_path / "nan", "--json", out), "non-number")
+    assert_clean_failure(cli("eval", "--fire", tmp_path / "nan", "--json", out), "non-number")
     bad = fire_tree(tmp_path / "trunc", ["S01"])
     data = (bad / "Images" / "S01_1.jpg").read_bytes()
     (bad / "Images" / "S01_1.jpg").write_bytes(data[: len(data) // 2])
-    assert_clean_failure(run_cli("eval", "--fire", bad, "--weights", "sift", "--json", out),
+    assert_clean_failure(cli("eval", "--fire", bad, "--weights", "sift", "--json", out),
                          "truncated")
     (bad / "Images" / "S01_1.jpg").write_bytes(b"not an image at all")
-    assert_clean_failure(run_cli("eval", "--fire", bad, "--weights", "sift", "--json", out),
+    assert_clean_failure(cli("eval", "--fire", bad, "--weights", "sift", "--json", out),
                          "not a readable image")
     (tmp_path / "x.pt").write_bytes(b"garbage")
-    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--weights", tmp_path / "x.pt",
+    assert_clean_failure(cli("eval", "--fire", synthetic_fire, "--weights", tmp_path / "x.pt",
                                  "--json", out), "not a readable rkd checkpoint")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--weights",
+    assert_clean_failure(cli("eval", "--fire", synthetic_fire, "--weights",
                                  tmp_path / "other.pt", "--json", out), "not an rkd checkpoint")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert_clean_failure(run_cli("eval", "--fire", synthetic_fire, "--weights", "sift", "--json",
+    assert_clean_failure(cli("eval", "--fire", synthetic_fire, "--weights", "sift", "--json",
                                  blocker / "r.json"), "cannot write")
-    assert_clean_failure(run_cli("train-cnn", "--synthetic", 1, "--size", 64, "--crop", 128,
+    assert_clean_failure(cli("train-cnn", "--synthetic", 1, "--size", 64, "--crop", 128,
                                  "--out", tmp_path / "r"), "--crop")
-    assert_clean_failure(run_cli("distill", "--kd", "descriptor", "--synthetic", 1,
+    assert_clean_failure(cli("distill", "--kd", "descriptor", "--synthetic", 1,
                                  "--out", tmp_path / "r"), "needs --teacher")
-    assert_clean_failure(run_cli("distill", "--teacher", "sift", "--synthetic", 1, "--size", 64,
+    assert_clean_failure(cli("distill", "--teacher", "sift", "--synthetic", 1, "--size", 64,
                                  "--crop", 0, "--out", tmp_path / "r"), "must be a network")
     assert not out.exists() and not (tmp_path / "r").exists()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir() if p.is_file())
