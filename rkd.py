@@ -1448,6 +1448,9 @@ def train(args, distill=False):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if args.resume:
         ckpt = load_checkpoint(args.resume)
+        if PER_CHANNEL_LK_KEY in ckpt["model"]:   # its Adam state is per-channel: give --init
+            raise UserError(f"{args.resume}: an LK checkpoint from before rkd commit bebcb97 "
+                            "cannot be resumed; start from its weights with --init")
         load_weights(model, ckpt, args.resume)
         if "optimizer" not in ckpt:
             raise UserError(f"{args.resume}: a weights-only file cannot be resumed (use --init)")
@@ -1458,7 +1461,11 @@ def train(args, distill=False):
             raise UserError(f"{args.resume}: trained on other data (fingerprint "
                             f"{ckpt.get('data')}, now {data.fingerprint}): give the same "
                             "--vessels/--lab/--unlabelled/--synthetic, or --init")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError:                        # torch: parameter groups that do not fit
+            raise UserError(f"{args.resume}: its optimizer state does not fit the model "
+                            "(start from its weights with --init)") from None
         for group in optimizer.param_groups:    # the loaded state carries the old rate; --lr wins
             group["lr"] = cfg.lr
         value_maps.update(dense_value_maps(ckpt["value_maps"], cfg.size))
@@ -2194,6 +2201,9 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+PER_CHANNEL_LK_KEY = "stages.1.2.k1.weight"    # a key only LK checkpoints before bebcb97 have
+
+
 def lk_state_from_per_channel_layout(state) -> dict:
     """An LK state dict in rkd's layout before commit bebcb97 -> RKD's layout (LKUNET).
 
@@ -2230,8 +2240,11 @@ def load_weights(model, ckpt, path):
     if ckpt["arch"] != model.arch:
         raise UserError(f"{path}: holds {ckpt['arch']!r} weights, not {model.arch!r}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    if model.arch == "lk" and "stages.1.2.k1.weight" in state:
-        state = lk_state_from_per_channel_layout(state)
+    if model.arch == "lk" and PER_CHANNEL_LK_KEY in state:
+        try:
+            state = lk_state_from_per_channel_layout(state)
+        except (IndexError, ValueError, RuntimeError):   # keys or slopes of another shape
+            raise UserError(f"{path}: weights do not fit architecture 'lk'") from None
         print(f"note: {path}: LK weights in rkd's layout before bebcb97 (per-channel PReLU), "
               "carried over to RKD's: convolutions unchanged, one PReLU slope (their mean)",
               file=sys.stderr)
