@@ -638,6 +638,29 @@ def test_precision_flags():
     assert (heat - heat32).abs().max() < 0.05 and (desc * desc32).sum(1).mean() > 0.99
 
 
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[never]" in THP_MODE.read_text(),
+                    reason="this kernel offers no transparent huge pages")
+def test_large_tensors_land_on_huge_pages_unless_switched_off():
+    probe = ("import rkd, torch\n"
+             "x = torch.empty(64 << 20, dtype=torch.uint8); x.fill_(1)\n"
+             "print(sum(int(l.split()[1]) for l in open('/proc/self/smaps')"
+             " if l.startswith('AnonHugePages')))")
+
+    def huge_kb(setting):                  # None: unset, so rkd's own default applies
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        env.update({} if setting is None else {"THP_MEM_ALLOC_ENABLE": setting})
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE,
+                           env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.split()[-1])
+    assert huge_kb(None) >= 32 * 1024      # most of the 64 MB tensor on 2 MB pages
+    if "[madvise]" in THP_MODE.read_text():   # under `always` the kernel uses them unasked
+        assert huge_kb("0") < 32 * 1024
+
+
 # ---------------------------------------------------------------- training CLI --------------
 
 def test_train_writes_resumes_and_loads_in_eval(tmp_path, synthetic_fire):
