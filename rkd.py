@@ -60,12 +60,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# PyTorch's own switch: each CPU allocation over 2 MB is aligned to and advised onto transparent
-# huge pages (where the kernel offers them, as `madvise` or `always`). A 64-channel activation
-# at 768 px is 150 MB; with 4 KB pages every fresh one costs ~37,000 page faults, and `eval`
-# spent a quarter of its CPU time in the kernel. Read once, at torch's first allocation, so
-# it is set before torch is imported; THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
-# Measured in README, "Speed and precision".
+# PyTorch's own switch: each CPU allocation of 2 MB or more is page-aligned and advised onto
+# transparent huge pages (madvise MADV_HUGEPAGE), which matters where the kernel's THP mode is
+# `madvise` (under `always` the kernel uses them unasked, under `never` not at all). A 64-channel
+# activation at 768 px is 150 MB; with 4 KB pages every fresh one costs ~37,000 page faults, and
+# `eval` spent a quarter of its CPU time in the kernel. Torch reads it once, at its first
+# allocation, so it is set before torch is imported (a program that imports torch before rkd
+# sets it itself); THP_MEM_ALLOC_ENABLE=0 in the environment turns it off. Measured in README,
+# "Speed and precision".
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import cv2
