@@ -671,7 +671,7 @@ def register(model, query, refer, cfg, cache=None, keys=None) -> Registration:
     if cfg.trick and first.H is not None:
         H_model = np.linalg.inv(to_r) @ first.H @ to_q                  # model px -> model px
         warped = cv2.warpPerspective(q, H_model, (S, S), flags=cv2.INTER_LINEAR)
-        # a near-singular first fit sends part of the square to infinity, where a float warp
+        # a degenerate first fit sends part of the square to infinity, where a float warp
         # gives NaN or inf; those pixels are outside the photograph, black like the border
         # (SuperRetina warps uint8 images, which cannot hold them)
         warped = np.nan_to_num(warped, nan=0.0, posinf=0.0, neginf=0.0)

@@ -223,7 +223,7 @@ def test_a_degenerate_first_homography_gives_the_second_stage_a_finite_image(mon
     cfg = rkd.dataclasses.replace(CFG, size=64)
     if np.isfinite(cv2.warpPerspective(rkd.preprocess(photo, 64), degenerate, (64, 64),
                                        flags=cv2.INTER_LINEAR)).all():
-        pytest.skip("this OpenCV build warps the near-singular fit to finite values")
+        pytest.skip("this OpenCV build warps the degenerate fit to finite values")
     rkd.register(rkd.Sift(), photo, photo, cfg)
     assert len(seen) == 3 and np.isfinite(seen[2]).all()
 
