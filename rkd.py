@@ -3098,8 +3098,8 @@ if __name__ == "__main__":
         # A torchrun rank that returns from main() leaves without the interpreter's teardown.
         # In torch 2.14.1 a gloo process group that DistributedDataParallel has wrapped stays
         # alive in C++ after destroy_process_group (its two pt_gloo_runloop threads and
-        # gloo_tcp_loop remain, seen with gdb; a bare all_reduce leaves none), and in 2 of about
-        # 90 two-rank test runs a rank aborted after the ranks had agreed and the checkpoint was
+        # gloo_tcp_loop remain, seen with gdb; a bare all_reduce leaves none), and in 2 of 106
+        # two-rank test runs a rank aborted after the ranks had agreed and the checkpoint was
         # written ("terminate called without an active exception", SIGABRT): most likely in
         # that teardown, though not caught in the act, and reruns at that rate cannot show it
         # gone. Every file is closed by now (write_atomic); only the streams need flushing.
