@@ -291,13 +291,38 @@ def test_student_attention_is_windowed_on_large_inputs(monkeypatch):
     model = rkd.TransformerStudent().eval()
     monkeypatch.setattr(rkd, "ATTENTION_WINDOW", 32)
     x3 = torch.rand(1, 128, 16, 16)                      # 1/4-scale features of a 64 px image
+    far = x3.clone()
+    far[..., 12:, :] = far[..., :, 12:] = 0              # beyond every window the corner sits in
     with torch.no_grad():
         whole = model.windowed_vit(x3)
-        corner = model.windowed_vit(x3[..., :8, :8])     # its top-left 32 px window on its own
+        tiled = model._tiled_vit(x3)
+        corner = model._tiled_vit(x3[..., :8, :8])       # its top-left 32 px window on its own
+        changed = model.windowed_vit(far)
         heat, desc = model(torch.rand(1, 1, 104, 72))    # windows that do not tile the image
-    assert whole.shape == (1, 384, 4, 4)
-    assert torch.allclose(whole[..., :2, :2], corner, atol=1e-5)
+    assert whole.shape == tiled.shape == (1, 384, 4, 4)
+    assert torch.allclose(tiled[..., :2, :2], corner, atol=1e-5)
+    assert torch.allclose(changed[..., 0, 0], whole[..., 0, 0], atol=1e-5)
+    assert not torch.allclose(changed[..., 3, 3], whole[..., 3, 3], atol=1e-3)
     assert heat.shape == (1, 1, 104, 72) and desc.shape == (1, 256, 13, 9)
+
+
+def test_student_tokens_follow_shifts_of_half_a_window(monkeypatch):
+    # four half-window-shifted tilings: moving the image by half a window (32 px at 1/4 scale
+    # = 2 tokens here) moves the tokens with it, where one tiling would change them
+    torch.manual_seed(0)
+    model = rkd.TransformerStudent().eval()
+    for block in model.vit.blocks:                       # full-strength blocks: tokens mix context
+        block.ls1.gamma.data.fill_(1.0)
+        block.ls2.gamma.data.fill_(1.0)
+    monkeypatch.setattr(rkd, "ATTENTION_WINDOW", 64)
+    x3 = torch.rand(1, 128, 48, 48)
+    shifted = x3[..., 8:, 8:]                            # the image moved up-left by 8 px
+    with torch.no_grad():
+        a, b = model.windowed_vit(x3), model.windowed_vit(shifted)
+        ta, tb = model._tiled_vit(x3), model._tiled_vit(shifted)
+    inner = (..., slice(2, 7), slice(2, 7))              # tokens away from the image's border
+    assert torch.allclose(b[inner], a[..., 4:9, 4:9], atol=1e-4)
+    assert not torch.allclose(tb[inner], ta[..., 4:9, 4:9], atol=1e-2)
 
 
 def test_student_is_heavier_than_teacher():
