@@ -381,7 +381,7 @@ class TransformerStudent(nn.Module):
     def windowed_vit(self, x3):
         """ViT tokens of 1/4-scale features, attention limited to ATTENTION_WINDOW px squares.
 
-        Trained on 128 px crops, the ViT has only seen 8 x 8 tokens; on a whole 768 px image
+        Trained on 128 px crops, the ViT had only seen 8 x 8 tokens; on a whole 768 px image
         (48 x 48 tokens) its heatmap vanished (max 0.37 at 256 px inputs, 0.05 at 384, 0 at 768).
         Larger inputs are therefore cut into windows the ViT runs on separately (Swin-style local
         attention); the convolutional stem and decoders still see the whole image.
@@ -391,8 +391,10 @@ class TransformerStudent(nn.Module):
         and each token is the mean of its four versions weighted by how central it sat in each
         window (a tent, lowest at the window's border): the tokens then follow the image
         under shifts of half a window, and the shipped student's self-warp NN accuracy rose
-        0.6605 -> 0.6905 (README, "Deviations"), at four times the ViT's arithmetic (the
-        768 px forward took 2.0x as long). Training crops up to 256 px fit one window: unchanged.
+        0.6605 -> 0.6905 (README, "Deviations"). At 768 px that is 49 windows instead of 9 (the
+        shifted tilings are padded), and the forward took 2.0x as long. Training crops up to
+        256 px fit one window and are unchanged; larger crops and whole images (--crop 0) pass
+        through the four tilings in training too.
 
         x3: B x C x H x W (1/4 scale) -> B x E x ceil(H/4) x ceil(W/4) tokens."""
         w = ATTENTION_WINDOW // 4                                # window side in 1/4-scale pixels
@@ -400,9 +402,10 @@ class TransformerStudent(nn.Module):
         if h <= w and wd <= w:                                   # a training crop: one window
             return self._tiled_vit(x3)
         th, tw, n = math.ceil(h / 4), math.ceil(wd / 4), w // 4  # tokens; tokens per window side
+        half = n // 2 * 4                    # half a window in 1/4-scale px, whole tokens
         out = weight = 0
-        for oy in (0, w // 2):
-            for ox in (0, w // 2):
+        for oy in (0, half):
+            for ox in (0, half):
                 t = self._tiled_vit(F.pad(x3, (ox, 0, oy, 0)))   # windows start oy, ox earlier
                 t = t[..., oy // 4:oy // 4 + th, ox // 4:ox // 4 + tw]          # B x E x th x tw
                 py = (torch.arange(th, device=t.device) + oy // 4) % n          # place in window

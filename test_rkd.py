@@ -289,20 +289,27 @@ def test_lk_teacher_uses_lku_blocks_in_stages_2_to_4():
 def test_student_attention_is_windowed_on_large_inputs(monkeypatch):
     torch.manual_seed(0)
     model = rkd.TransformerStudent().eval()
+    for block in model.vit.blocks:                       # full-strength blocks: tokens mix context
+        block.ls1.gamma.data.fill_(1.0)
+        block.ls2.gamma.data.fill_(1.0)
     monkeypatch.setattr(rkd, "ATTENTION_WINDOW", 32)
     x3 = torch.rand(1, 128, 16, 16)                      # 1/4-scale features of a 64 px image
     far = x3.clone()
-    far[..., 12:, :] = far[..., :, 12:] = 0              # beyond every window the corner sits in
+    far[..., 8:, :] = 0                                  # all but the top-left 32 px window
+    far[..., :, 8:] = 0
     with torch.no_grad():
-        whole = model.windowed_vit(x3)
-        tiled = model._tiled_vit(x3)
-        corner = model._tiled_vit(x3[..., :8, :8])       # its top-left 32 px window on its own
-        changed = model.windowed_vit(far)
+        whole, changed = model.windowed_vit(x3), model.windowed_vit(far)
+        tiled, tiled_changed = model._tiled_vit(x3), model._tiled_vit(far)
+        corner = model._tiled_vit(x3[..., :8, :8])       # the top-left window on its own
         heat, desc = model(torch.rand(1, 1, 104, 72))    # windows that do not tile the image
     assert whole.shape == tiled.shape == (1, 384, 4, 4)
     assert torch.allclose(tiled[..., :2, :2], corner, atol=1e-5)
+    # token (0, 0) sits only in windows inside the top-left 32 px: untouched
     assert torch.allclose(changed[..., 0, 0], whole[..., 0, 0], atol=1e-5)
-    assert not torch.allclose(changed[..., 3, 3], whole[..., 3, 3], atol=1e-3)
+    # token (1, 1) is inside the first window too, but a shifted window also holds it and reaches
+    # into the zeroed part: it changes with the four tilings, not with one
+    assert torch.allclose(tiled_changed[..., 1, 1], tiled[..., 1, 1], atol=1e-5)
+    assert not torch.allclose(changed[..., 1, 1], whole[..., 1, 1], atol=1e-3)
     assert heat.shape == (1, 1, 104, 72) and desc.shape == (1, 256, 13, 9)
 
 
