@@ -314,8 +314,8 @@ def test_student_attention_is_windowed_on_large_inputs(monkeypatch):
 
 
 def test_student_tokens_follow_shifts_of_half_a_window(monkeypatch):
-    # four half-window-shifted tilings: moving the image by half a window (32 px at 1/4 scale
-    # = 2 tokens here) moves the tokens with it, where one tiling would change them
+    # four half-window-shifted tilings: moving the image by half a window (32 image px here,
+    # 8 px at 1/4 scale, 2 tokens) moves the tokens with it, where one tiling would change them
     torch.manual_seed(0)
     model = rkd.TransformerStudent().eval()
     for block in model.vit.blocks:                       # full-strength blocks: tokens mix context
@@ -323,7 +323,7 @@ def test_student_tokens_follow_shifts_of_half_a_window(monkeypatch):
         block.ls2.gamma.data.fill_(1.0)
     monkeypatch.setattr(rkd, "ATTENTION_WINDOW", 64)
     x3 = torch.rand(1, 128, 48, 48)
-    shifted = x3[..., 8:, 8:]                            # the image moved up-left by 8 px
+    shifted = x3[..., 8:, 8:]                            # moved up-left by 8 px at 1/4 scale
     with torch.no_grad():
         a, b = model.windowed_vit(x3), model.windowed_vit(shifted)
         ta, tb = model._tiled_vit(x3), model._tiled_vit(shifted)
