@@ -286,12 +286,19 @@ def test_lk_teacher_uses_lku_blocks_in_stages_2_to_4():
     assert has_lk == [False, True, True, True]
 
 
-def test_student_attention_is_windowed_on_large_inputs(monkeypatch):
+def context_mixing_student():
+    """A seeded random TransformerStudent whose LayerScale gammas are 1, so that its ViT's tokens
+    mix context from their whole window (at LAYER_SCALE they barely leave their own patch)."""
     torch.manual_seed(0)
     model = rkd.TransformerStudent().eval()
-    for block in model.vit.blocks:                       # full-strength blocks: tokens mix context
+    for block in model.vit.blocks:
         block.ls1.gamma.data.fill_(1.0)
         block.ls2.gamma.data.fill_(1.0)
+    return model
+
+
+def test_student_attention_is_windowed_on_large_inputs(monkeypatch):
+    model = context_mixing_student()
     monkeypatch.setattr(rkd, "ATTENTION_WINDOW", 32)
     x3 = torch.rand(1, 128, 16, 16)                      # 1/4-scale features of a 64 px image
     far = x3.clone()
@@ -316,11 +323,7 @@ def test_student_attention_is_windowed_on_large_inputs(monkeypatch):
 def test_student_tokens_follow_shifts_of_half_a_window(monkeypatch):
     # four half-window-shifted tilings: moving the image by half a window (32 image px here,
     # 8 px at 1/4 scale, 2 tokens) moves the tokens with it, where one tiling would change them
-    torch.manual_seed(0)
-    model = rkd.TransformerStudent().eval()
-    for block in model.vit.blocks:                       # full-strength blocks: tokens mix context
-        block.ls1.gamma.data.fill_(1.0)
-        block.ls2.gamma.data.fill_(1.0)
+    model = context_mixing_student()
     monkeypatch.setattr(rkd, "ATTENTION_WINDOW", 64)
     x3 = torch.rand(1, 128, 48, 48)
     shifted = x3[..., 8:, 8:]                            # moved up-left by 8 px at 1/4 scale
