@@ -1328,8 +1328,9 @@ def resolve_precision(name, device):
     auto: bf16 where the hardware runs it natively fast, else fp32 -- CUDA with bf16 support; a
     CPU with AMX tiles; an AMD CPU with AVX-512 BF16 (Zen 4: `rkd.py bench`, 2 threads, measured
     channels_last + bf16 3.0x fp32 for the LK teacher's forward and 2.4x for its training step;
-    on an AMX Xeon 3.7x and 2.7x). An Intel CPU with AVX-512 BF16 but no AMX stays fp32: on one (Xeon) bf16 convolutions ran
-    slower than fp32 (0.89x forward). Ask for bf16 explicitly where bench says it pays."""
+    on an AMX Xeon 3.7x and 2.7x). An Intel CPU with AVX-512 BF16 but no AMX stays fp32: on one
+    (Xeon) bf16 convolutions ran slower than fp32 (0.89x forward). Ask for bf16 explicitly
+    where bench says it pays."""
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs CUDA; on a CPU use fp32 or bf16")
     if name != "auto":
