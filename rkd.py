@@ -2816,17 +2816,36 @@ def cmd_synth(args):
 
 
 def cmd_export(args):
-    """Strip a training checkpoint down to its weights (fp16 by default) for shipping."""
-    ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint)
+    """Strip a training checkpoint down to its weights (fp16 by default) for shipping.
+
+    Several checkpoints of one architecture export the mean of their weights: stochastic weight
+    averaging (Izmailov et al. 2018) over the epochs of one run, or the midpoint of a warm start
+    and where it ended (the "weight-space ensemble" of Wortsman et al. 2022). Neither paper's code
+    averages, and no shipped file is a mean (README, "The training recipe": the averages tried
+    fell short on validation). torch's AveragedModel keeps the running mean, one checkpoint in
+    memory at a time. Raises UserError for unreadable files or mixed architectures."""
+    from torch.optim.swa_utils import AveragedModel
+    mean = arch = ckpt = None
+    for path in args.checkpoint:
+        ckpt = load_checkpoint(path)
+        if arch is not None and ckpt["arch"] != arch:
+            raise UserError(f"{path}: holds {ckpt['arch']!r} weights, the others {arch!r}; "
+                            "only one architecture's checkpoints can be averaged")
+        model, arch = model_from_checkpoint(ckpt, path), ckpt["arch"]
+        if mean is None:
+            mean = AveragedModel(model, use_buffers=True)
+        mean.update_parameters(model)     # the first call copies, later ones keep the mean
+    model = mean.module
     weights = [p for p in model.state_dict().values() if p.is_floating_point()]
     if not all(torch.isfinite(p).all() for p in weights):
-        raise UserError(f"{args.checkpoint}: holds non-finite weights (a diverged run); "
+        raise UserError(f"{' '.join(args.checkpoint)}: holds non-finite weights (a diverged run); "
                         "not exported")
+    extra = {"averaged": [str(p) for p in args.checkpoint]} if len(args.checkpoint) > 1 else {}
     save_checkpoint(args.out, model, fp16=not args.fp32, epoch=ckpt.get("epoch", 0),
-                    config=ckpt.get("config", {}))
+                    config=ckpt.get("config", {}), **extra)
     data = Path(args.out).read_bytes()
-    print(f"{args.out}: {ckpt['arch']}, {len(data) / 1e6:.1f} MB, "
+    what = f"mean of {len(args.checkpoint)} checkpoints, " if extra else ""
+    print(f"{args.out}: {arch}, {what}{len(data) / 1e6:.1f} MB, "
           f"sha256 {hashlib.sha256(data).hexdigest()}")
 
 
@@ -3054,8 +3073,10 @@ def build_parser():
                     help="pairs per category (default: %(default)s)")
     sy.set_defaults(func=cmd_synth)
 
-    ex = sub.add_parser("export", parents=[basic], help="strip a checkpoint to shippable weights")
-    ex.add_argument("checkpoint")
+    ex = sub.add_parser("export", parents=[basic],
+                        help="strip a checkpoint to shippable weights (several: their mean)")
+    ex.add_argument("checkpoint", nargs="+",
+                    help="training checkpoint or weights file; several: the mean of their weights")
     ex.add_argument("out")
     ex.add_argument("--fp32", action="store_true",
                     help="keep fp32 (default: fp16, loaded back as fp32)")

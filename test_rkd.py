@@ -855,6 +855,27 @@ def test_fp16_export_loads_as_fp32(tmp_path, tiny_checkpoint):
     assert next(model.parameters()).dtype == torch.float32
 
 
+
+def test_export_of_several_checkpoints_is_the_mean_of_their_weights(tmp_path):
+    paths, states = [], []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        model = rkd.build_model("small_cnn")
+        paths.append(tmp_path / f"m{seed}.pt")
+        rkd.save_checkpoint(paths[-1], model, fp16=seed == 3)   # a shipped fp16 file among them
+        states.append(torch.load(paths[-1], weights_only=True)["model"])
+    r = run_cli("export", *paths, tmp_path / "mean.pt", "--fp32")
+    assert r.returncode == 0 and "mean of 3 checkpoints" in r.stdout, r.stderr
+    saved = torch.load(tmp_path / "mean.pt", weights_only=True)
+    assert saved["averaged"] == [str(p) for p in paths]
+    for key, value in saved["model"].items():
+        expected = sum(s[key].float() for s in states) / 3
+        assert torch.allclose(value, expected, atol=1e-6), key
+    rkd.save_checkpoint(tmp_path / "other.pt", rkd.build_model("superretina"))
+    r = run_cli("export", paths[0], tmp_path / "other.pt", tmp_path / "mixed.pt")
+    assert_clean_failure(r, "only one architecture")
+    assert not (tmp_path / "mixed.pt").exists()
+
 # ---------------------------------------------------------------- distillation --------------
 
 class FixedTeacher(torch.nn.Module):
