@@ -2822,8 +2822,10 @@ def cmd_export(args):
     averaging (Izmailov et al. 2018) over the epochs of one run, or the midpoint of a warm start
     and where it ended (the "weight-space ensemble" of Wortsman et al. 2022). Neither paper's code
     averages, and no shipped file is a mean (README, "The training recipe": the averages tried
-    fell short on validation). torch's AveragedModel keeps the running mean, one checkpoint in
-    memory at a time. Raises UserError for unreadable files or mixed architectures."""
+    fell short on validation). torch's AveragedModel keeps the running mean, so the checkpoints are
+    never all in memory at once; epoch and config are the last file's. Raises UserError for a file
+    that is not an rkd checkpoint, weights that do not fit its architecture, mixed architectures,
+    or non-finite weights."""
     from torch.optim.swa_utils import AveragedModel
     mean = arch = ckpt = None
     for path in args.checkpoint:
@@ -2835,6 +2837,7 @@ def cmd_export(args):
         if mean is None:
             mean = AveragedModel(model, use_buffers=True)
         mean.update_parameters(model)     # the first call copies, later ones keep the mean
+        del model                         # free it before the next file loads
     model = mean.module
     weights = [p for p in model.state_dict().values() if p.is_floating_point()]
     if not all(torch.isfinite(p).all() for p in weights):

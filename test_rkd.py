@@ -855,7 +855,6 @@ def test_fp16_export_loads_as_fp32(tmp_path, tiny_checkpoint):
     assert next(model.parameters()).dtype == torch.float32
 
 
-
 def test_export_of_several_checkpoints_is_the_mean_of_their_weights(tmp_path):
     paths, states = [], []
     for seed in (1, 2, 3):
@@ -868,6 +867,7 @@ def test_export_of_several_checkpoints_is_the_mean_of_their_weights(tmp_path):
     assert r.returncode == 0 and "mean of 3 checkpoints" in r.stdout, r.stderr
     saved = torch.load(tmp_path / "mean.pt", weights_only=True)
     assert saved["averaged"] == [str(p) for p in paths]
+    assert saved["model"].keys() == states[0].keys()
     for key, value in saved["model"].items():
         expected = sum(s[key].float() for s in states) / 3
         assert torch.allclose(value, expected, atol=1e-6), key
@@ -875,6 +875,7 @@ def test_export_of_several_checkpoints_is_the_mean_of_their_weights(tmp_path):
     r = run_cli("export", paths[0], tmp_path / "other.pt", tmp_path / "mixed.pt")
     assert_clean_failure(r, "only one architecture")
     assert not (tmp_path / "mixed.pt").exists()
+
 
 # ---------------------------------------------------------------- distillation --------------
 
