@@ -2834,15 +2834,14 @@ def cmd_export(args):
             raise UserError(f"{path}: holds {ckpt['arch']!r} weights, the others {arch!r}; "
                             "only one architecture's checkpoints can be averaged")
         model, arch = model_from_checkpoint(ckpt, path), ckpt["arch"]
+        if not all(torch.isfinite(p).all() for p in model.state_dict().values()
+                   if p.is_floating_point()):
+            raise UserError(f"{path}: holds non-finite weights (a diverged run); not exported")
         if mean is None:
             mean = AveragedModel(model, use_buffers=True)
         mean.update_parameters(model)     # the first call copies, later ones keep the mean
         del model                         # free it before the next file loads
-    model = mean.module
-    weights = [p for p in model.state_dict().values() if p.is_floating_point()]
-    if not all(torch.isfinite(p).all() for p in weights):
-        raise UserError(f"{' '.join(args.checkpoint)}: holds non-finite weights (a diverged run); "
-                        "not exported")
+    model = mean.module                   # finite: a mean of finite weights
     extra = {"averaged": [str(p) for p in args.checkpoint]} if len(args.checkpoint) > 1 else {}
     save_checkpoint(args.out, model, fp16=not args.fp32, epoch=ckpt.get("epoch", 0),
                     config=ckpt.get("config", {}), **extra)
