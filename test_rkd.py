@@ -1022,6 +1022,26 @@ def test_distill_cli_modes(tmp_path, tiny_checkpoint, synthetic_fire, student, k
         assert r.returncode == 0 and "vit_student" in r.stdout, r.stderr
 
 
+def test_detector_only_fine_tuning_leaves_encoder_and_descriptors_bit_identical(tmp_path,
+                                                                                tiny_checkpoint):
+    flags = ["--teacher", tiny_checkpoint, "--synthetic", 2, "--size", 64, "--epochs", 1,
+             "--batch", 2, "--quiet"]
+    r = run_cli("distill", *flags, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("distill", *flags, "--lr", 1e-3, "--detector-only", "--init",
+                tmp_path / "s" / "last.pt", "--out", tmp_path / "d")
+    assert r.returncode == 0, r.stderr
+    before = rkd.load_checkpoint(tmp_path / "s" / "last.pt")["model"]
+    after = rkd.load_checkpoint(tmp_path / "d" / "last.pt")["model"]
+    frozen = [k for k in before if not k.startswith(rkd.DETECTOR_LAYERS)]
+    assert any(k.startswith("vit.") for k in frozen) and any(k.startswith("descriptor.")
+                                                             for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in frozen)
+    assert_clean_failure(run_cli("distill", *flags, "--detector-only", "--out", tmp_path / "x"),
+                         "give --init or --resume")
+
+
 # ---------------------------------------------------------------- DDP -----------------------
 
 def torchrun(*args, port):
