@@ -1498,7 +1498,7 @@ def train(args, distill=False):
         # Our budget lever, in neither paper: only the detector's own layers learn. The encoder
         # (for the student: its conv stem and ViT) and the descriptor head keep their loaded
         # weights, so the descriptors stay bit-identical and no backward pass runs through the
-        # ViT (a whole-image step of the student costs 2.4x less on a CPU; README, "Deviations").
+        # ViT (a whole-image step of the student costs 2.4x less on a CPU; README, "Training").
         if not (args.init or args.resume):
             raise UserError("--detector-only fine-tunes a trained network: give --init or --resume")
         for name, p in model.named_parameters():
