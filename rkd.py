@@ -1472,6 +1472,8 @@ def train(args, distill=False):
     cfg = dataclasses.replace(cfg, precision=resolve_precision(args.precision, device))
     rank, world = init_distributed(device)
     main_rank, quiet = rank == 0, args.quiet or rank != 0
+    if args.detector_only and not (args.init or args.resume):
+        raise UserError("--detector-only fine-tunes a trained network: give --init or --resume")
     out = Path(args.out)
     check_writable(out / "last.pt")           # on every rank, so that none waits for a failed one
     if args.val:
@@ -1499,8 +1501,6 @@ def train(args, distill=False):
         # (for the student: its conv stem and ViT) and the descriptor head keep their loaded
         # weights, so the descriptors stay bit-identical and no backward pass runs through the
         # ViT (a whole-image step of the student costs 2.4x less on a CPU; README, "Training").
-        if not (args.init or args.resume):
-            raise UserError("--detector-only fine-tunes a trained network: give --init or --resume")
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(DETECTOR_LAYERS))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -1522,8 +1522,11 @@ def train(args, distill=False):
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except ValueError:                        # torch: parameter groups that do not fit
+            was = ckpt.get("args", {}).get("detector_only") == "True"
+            hint = (f"its run was {'' if was else 'not '}--detector-only; "
+                    if was != args.detector_only else "")
             raise UserError(f"{args.resume}: its optimizer state does not fit the model "
-                            "(start from its weights with --init)") from None
+                            f"({hint}start from its weights with --init)") from None
         for group in optimizer.param_groups:    # the loaded state carries the old rate; --lr wins
             group["lr"] = cfg.lr
         value_maps.update(dense_value_maps(ckpt["value_maps"], cfg.size))

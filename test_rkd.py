@@ -1040,6 +1040,8 @@ def test_detector_only_fine_tuning_leaves_encoder_and_descriptors_bit_identical(
     assert any(not torch.equal(before[k], after[k]) for k in before if k not in frozen)
     assert_clean_failure(run_cli("distill", *flags, "--detector-only", "--out", tmp_path / "x"),
                          "give --init or --resume")
+    assert_clean_failure(run_cli("distill", *flags, "--resume", tmp_path / "d" / "last.pt",
+                                 "--out", tmp_path / "d"), "its run was --detector-only")
 
 
 # ---------------------------------------------------------------- DDP -----------------------
