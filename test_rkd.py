@@ -1037,9 +1037,13 @@ def test_detector_only_fine_tuning_leaves_encoder_and_descriptors_bit_identical(
     assert any(k.startswith("vit.") for k in frozen) and any(k.startswith("descriptor.")
                                                              for k in frozen)
     assert all(torch.equal(before[k], after[k]) for k in frozen)
-    assert any(not torch.equal(before[k], after[k]) for k in before if k not in frozen)
+    assert all(any(not torch.equal(before[k], after[k]) for k in before if k.startswith(layer))
+               for layer in rkd.DETECTOR_LAYERS)                  # the decoder and the neck train
     assert_clean_failure(run_cli("distill", *flags, "--detector-only", "--out", tmp_path / "x"),
                          "give --init or --resume")
+    assert_clean_failure(run_cli("distill", *flags, "--detector-only", "--init", "student",
+                                 "--kd", "descriptor", "--self-loss", "off", "--out",
+                                 tmp_path / "x"), "leaves no loss on the detector")
     assert_clean_failure(run_cli("distill", *flags, "--resume", tmp_path / "d" / "last.pt",
                                  "--out", tmp_path / "d"), "its run was --detector-only")
 
