@@ -2950,8 +2950,8 @@ def build_parser():
                           help=f"kNN ratio test (default: {CFG.ratio} for networks, "
                                f"{CFG.sift_ratio} for SIFT)")
     matching.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                          help="network arithmetic (default: auto = bf16 on CUDA or AMX CPUs, "
-                               "else fp32)")
+                          help="network arithmetic (default: auto = bf16 on CUDA, on CPUs with AMX "
+                               "and on AMD CPUs with AVX-512 BF16, else fp32)")
 
     p = argparse.ArgumentParser(prog="rkd.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -3016,7 +3016,7 @@ def build_parser():
                             "lk and distill, off for SuperRetina's layout, as each paper's code)")
         t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="autocast precision; checkpoints stay fp32 (default: auto = bf16 on "
-                            "CUDA or AMX CPUs)")
+                            "CUDA, AMX CPUs and AMD CPUs with AVX-512 BF16)")
         t.add_argument("--out", required=True,
                        help="run folder: last.pt every epoch, best.pt with --val")
         t.add_argument("--resume", help="continue from this checkpoint (last.pt): weights, "
