@@ -2995,7 +2995,8 @@ def build_parser():
                             "DRIVE, CHASE_DB1 or HRF as their archives unpack, or images/ + "
                             "vessels/ (+ fov/)")
         t.add_argument("--unlabelled", nargs="+",
-                       help="image folders without labels (descriptor + consistency only)")
+                       help="image folders without labels (train-cnn: the descriptor loss only; "
+                            "distill: also the knowledge terms)")
         t.add_argument("--size", type=int, default=CFG.size,
                        help="training image side, px (default: %(default)s)")
         t.add_argument("--crop", type=int, default=0,
@@ -3016,7 +3017,7 @@ def build_parser():
                             "lk and distill, off for SuperRetina's layout, as each paper's code)")
         t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="autocast precision; checkpoints stay fp32 (default: auto = bf16 on "
-                            "CUDA, AMX CPUs and AMD CPUs with AVX-512 BF16)")
+                            "CUDA, AMX CPUs and AMD CPUs with AVX-512 BF16, else fp32)")
         t.add_argument("--out", required=True,
                        help="run folder: last.pt every epoch, best.pt with --val")
         t.add_argument("--resume", help="continue from this checkpoint (last.pt): weights, "
